@@ -1,0 +1,189 @@
+"""
+Test support: a running bus on ephemeral ports, and pyzmq apps that talk to
+it without blocking the reactor (non-blocking calls, polled with deadlines).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import attrs
+import zmq
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
+
+from txthreatbus.config import Config, ZmqAppConfig
+from txthreatbus.tap import bus_service
+
+#: Seconds any single wait in a socket-level test may take.
+DEADLINE = 10.0
+
+
+class Timeout(AssertionError):
+    """A condition did not come true before its deadline."""
+
+
+async def wait_for(predicate, timeout: float = DEADLINE, what: str = "condition"):
+    """Poll ``predicate`` until it returns a true value, and return that value."""
+    end = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > end:
+            raise Timeout(f"timed out after {timeout} s waiting for {what}")
+        await deferLater(reactor, 0.002, lambda: None)
+
+
+async def settle(seconds: float) -> None:
+    """Let the reactor run for ``seconds`` (to show that nothing arrives)."""
+    await deferLater(reactor, seconds, lambda: None)
+
+
+def start_bus(testcase, config: Config = None, **zmq_app):
+    """
+    Start a whole bus (as ``twistd zmq-app`` would) on ephemeral ports and
+    stop it at the end of the test. Returns its top service.
+    """
+    if config is None:
+        config = Config(zmq_app=ZmqAppConfig(**{"manage": 0, "pub": 0, "sub": 0, **zmq_app}))
+    top = bus_service(config, reactor)
+    top.startService()
+    testcase.addCleanup(top.stopService)
+    return top
+
+
+def zmq_app_of(top):
+    return top.getServiceNamed("zmq-app")
+
+
+class Context:
+    """A pyzmq context closed at the end of the test."""
+
+    def __init__(self, testcase):
+        self.ctx = zmq.Context()
+        testcase.addCleanup(self.ctx.destroy, 0)
+
+    def socket(self, kind, connect: str = None):
+        s = self.ctx.socket(kind)
+        s.setsockopt(zmq.LINGER, 0)
+        if connect:
+            s.connect(connect)
+        return s
+
+
+async def request(sock, payload, timeout: float = DEADLINE):
+    """Send ``payload`` (a JSON value, or raw bytes/frames) and await the JSON reply."""
+    if isinstance(payload, list):
+        sock.send_multipart(payload)
+    elif isinstance(payload, bytes):
+        sock.send(payload)
+    else:
+        sock.send(json.dumps(payload).encode())
+    frames = await receive(sock, 1, timeout)
+    return json.loads(frames[0])
+
+
+async def receive(sock, n: int, timeout: float = DEADLINE) -> list:
+    """Await ``n`` messages on ``sock`` (single-frame ones as bytes)."""
+    got = []
+
+    def more():
+        while len(got) < n:
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return False
+            got.append(frames[0] if len(frames) == 1 else frames)
+        return True
+
+    await wait_for(more, timeout, f"{n} messages (got {len(got)})")
+    return got
+
+
+def drain(sock) -> list:
+    """Whatever ``sock`` has received so far, without waiting."""
+    got = []
+    while True:
+        try:
+            got.append(sock.recv(zmq.NOBLOCK))
+        except zmq.Again:
+            return got
+
+
+@attrs.define
+class App:
+    """An app as Threat Bus apps are written: REQ to manage, SUB, PUB."""
+
+    manage: object
+    sub: object = None
+    pub: object = None
+    p2p: str = None
+    reply: dict = None
+
+    @classmethod
+    def on(cls, ctx: Context, top):
+        port = zmq_app_of(top).ports["manage"]
+        return cls(manage=ctx.socket(zmq.REQ, f"tcp://127.0.0.1:{port}"))
+
+    async def subscribe(self, ctx: Context, topic: str, snapshot=0, connect_sub: bool = True):
+        self.reply = await request(self.manage, {"action": "subscribe", "topic": topic, "snapshot": snapshot})
+        assert self.reply["status"] == "success", self.reply
+        self.p2p = self.reply["topic"]
+        self.pub = ctx.socket(zmq.PUB, "tcp://" + self.reply["sub_endpoint"])
+        if connect_sub:
+            self.connect_sub(ctx)
+        return self.reply
+
+    def connect_sub(self, ctx: Context):
+        self.sub = ctx.socket(zmq.SUB, "tcp://" + self.reply["pub_endpoint"])
+        self.sub.setsockopt_string(zmq.SUBSCRIBE, self.p2p)
+
+    async def wait_connected(self, top):
+        """Wait until the bus has seen this app's SUB subscribe."""
+        sub = zmq_app_of(top).subscriptions.get(self.p2p)
+        await wait_for(lambda: sub.ready, what=f"{self.p2p} to be connected")
+
+    async def heartbeat(self):
+        return await request(self.manage, {"action": "heartbeat", "topic": self.p2p})
+
+    async def unsubscribe(self):
+        return await request(self.manage, {"action": "unsubscribe", "topic": self.p2p})
+
+    def publish(self, topic: str, body) -> None:
+        if not isinstance(body, (bytes, str)):
+            body = json.dumps(body)
+        if isinstance(body, str):
+            body = body.encode()
+        self.pub.send(topic.encode() + b" " + body)
+
+    async def receive(self, n: int, timeout: float = DEADLINE):
+        """The next ``n`` messages as (suffix, JSON value) pairs."""
+        frames = await receive(self.sub, n, timeout)
+        return [self.parse(f) for f in frames]
+
+    def parse(self, frame: bytes):
+        head, _, body = frame.partition(b" ")
+        assert head.startswith(self.p2p.encode()), frame
+        return head[len(self.p2p):].decode(), json.loads(body)
+
+
+async def publish_until_seen(publisher: App, topic: str, body, receivers, timeout=DEADLINE):
+    """
+    Publish probes until every receiver got one: a PUB socket drops what it
+    sends before its connection is up (ZeroMQ's slow joiner), so tests
+    first make sure the app-to-bus path is live. Returns nothing; the probes
+    are drained from the receivers.
+    """
+    seen = set()
+
+    def all_seen():
+        publisher.publish(topic, body)
+        seen.update(i for i, r in enumerate(receivers) if drain(r.sub))
+        return len(seen) == len(receivers)
+
+    await wait_for(all_seen, timeout, "the publisher's connection")
+    await settle(0.05)
+    for r in receivers:
+        drain(r.sub)

@@ -1,0 +1,1 @@
+"""App plugins: what joins outside tools to the bus."""

@@ -1,0 +1,127 @@
+"""
+The management endpoint: subscribe, unsubscribe and heartbeat, JSON over
+request-reply, with exactly the replies of PROTOCOL.md.
+
+``ManagementHandler.handle`` turns any request frames into a reply dict and
+never raises; ``ManageConnection`` puts it on a txZMQ REP (ROUTER) socket and
+drops, counted, what is not a request at all (no empty delimiter).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from typing import Optional, Sequence
+
+import zmq
+from twisted.logger import Logger
+from txzmq import ZmqREPConnection
+
+from txthreatbus import codec, logs
+from txthreatbus.bus import snapshot_types
+
+log = Logger(observer=logs.publisher)
+
+SUCCESS = {"status": "success"}
+ERROR = {"status": "error"}
+UNKNOWN = {"status": "unknown request"}
+
+_ACTIONS = ("subscribe", "unsubscribe", "heartbeat")
+
+
+def snapshot_days(value) -> Optional[int]:
+    """The whole number of days >= 0 in ``value`` (an int, or an int string)."""
+    if value is None:
+        return 0
+    if isinstance(value, str):
+        value = value.strip()
+        if not value.isdigit() or not value.isascii():
+            return None
+        value = int(value)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        return None
+    # timedelta's limit: larger is no sensible snapshot either
+    return value if value <= 999_999_999 else None
+
+
+class ManagementHandler:
+    """
+    Answers management requests for the subscriptions of one zmq-app.
+
+    @param endpoints: the endpoint fields of a subscribe reply.
+    """
+
+    def __init__(self, subscriptions, endpoints: dict, metrics):
+        self._subscriptions = subscriptions
+        self._endpoints = endpoints
+        self._metrics = metrics
+
+    def handle(self, frames: Sequence[bytes]) -> dict:
+        """The reply to a request of ``frames``."""
+        if len(frames) != 1:
+            return self._error("a request of {n} frames", n=len(frames))
+        try:
+            request = codec.loads(frames[0])
+        except codec.DecodeError as e:
+            return self._error("a request that is not JSON: {e}", e=str(e))
+        if not isinstance(request, dict):
+            return self._error("a request that is not a JSON object")
+        action, topic = request.get("action"), request.get("topic")
+        if action not in _ACTIONS or topic is None:
+            self._metrics.drop("manage_unknown_request")
+            log.debug("Unknown management request {request!r}", request=request)
+            return UNKNOWN
+        if not isinstance(topic, str):
+            return self._error("a topic that is not a string: {topic!r}", topic=topic)
+        if action == "subscribe":
+            return self._subscribe(topic, request.get("snapshot"))
+        if action == "heartbeat":
+            ok = self._subscriptions.heartbeat(topic)
+        else:
+            ok = self._subscriptions.unsubscribe(topic)
+        return SUCCESS if ok else ERROR
+
+    def _subscribe(self, topic: str, snapshot) -> dict:
+        days = snapshot_days(snapshot)
+        if days is None:
+            return self._error("a snapshot that is not a number of days: {s!r}", s=snapshot)
+        if not snapshot_types(topic):
+            return self._error("a subscription to unknown topic {topic!r}", topic=topic)
+        if self._subscriptions.full():
+            log.warn(
+                "Refused a subscription to {topic}: {n} apps are subscribed, the most allowed",
+                topic=topic, n=len(self._subscriptions),
+            )
+            self._metrics.drop("max_subscriptions")
+            return ERROR
+        sub = self._subscriptions.subscribe(topic, timedelta(days=days))
+        return {"topic": sub.p2p, **self._endpoints, "status": "success"}
+
+    def _error(self, what: str, **fields) -> dict:
+        self._metrics.drop("manage_error")
+        log.info("Answered error to " + what, **fields)
+        return ERROR
+
+
+class ManageConnection(ZmqREPConnection):
+    """A REP-compatible (ROUTER) socket answering with ``handle(frames)``."""
+
+    def __init__(self, factory, handle, metrics, max_message_size: int):
+        self._handle = handle
+        self._metrics = metrics
+        ZmqREPConnection.__init__(self, factory)
+        self.socket.setsockopt(zmq.MAXMSGSIZE, max_message_size)
+
+    def messageReceived(self, message):
+        # [routing..., id, b"", request...]; a raw DEALER may send no delimiter
+        if b"" not in message[1:]:
+            self._metrics.drop("manage_no_delimiter")
+            log.info("Dropped a management message without an empty delimiter frame")
+            return
+        ZmqREPConnection.messageReceived(self, message)
+
+    def gotMessage(self, messageId, *frames):
+        reply = self._handle(frames)
+        self.reply(messageId, json.dumps(reply).encode())

@@ -1,0 +1,54 @@
+"""
+The SUB side: what apps publish, one frame ``<topic> <json>`` each.
+
+Every frame is decoded and validated before it reaches the bus. Anything
+malformed is dropped, counted by reason and logged, and the receiver goes on.
+"""
+
+from __future__ import annotations
+
+import zmq
+from twisted.logger import Logger
+from txzmq import ZmqConnection
+
+from txthreatbus import codec, logs
+from txthreatbus.model import Intel, Sighting, SnapshotEnvelope
+
+log = Logger(observer=logs.publisher)
+
+#: What apps may publish: wire topic -> metric label.
+TOPICS = {cls.topic.encode(): cls.topic.rsplit("/", 1)[1] for cls in (Intel, Sighting, SnapshotEnvelope)}
+
+
+class ReceiverConnection(ZmqConnection):
+    """A receive-only SUB socket subscribed to ``threatbus/``."""
+
+    socketType = zmq.SUB
+
+    def __init__(self, factory, publish, metrics, receive_hwm: int, max_message_size: int):
+        self._publish = publish
+        self._metrics = metrics
+        ZmqConnection.__init__(self, factory)
+        self.socket.setsockopt(zmq.RCVHWM, receive_hwm)
+        self.socket.setsockopt(zmq.MAXMSGSIZE, max_message_size)
+        self.socket.setsockopt(zmq.SUBSCRIBE, b"threatbus/")
+
+    def messageReceived(self, message):
+        if len(message) != 1:
+            return self._drop("multipart", "a message of {n} frames", n=len(message))
+        topic, space, body = message[0].partition(b" ")
+        if not space:
+            return self._drop("no_space", "a frame without a space after the topic")
+        kind = TOPICS.get(topic)
+        if kind is None:
+            return self._drop("unknown_topic", "a message on unknown topic {topic!r}", topic=topic)
+        try:
+            item = codec.decode(topic.decode(), body)
+        except codec.DecodeError as e:
+            return self._drop("malformed", "a malformed {kind}: {error}", kind=kind, error=str(e))
+        self._metrics.received[kind].inc()
+        self._publish(item)
+
+    def _drop(self, reason: str, what: str, **fields):
+        self._metrics.drop(reason)
+        log.warn("Dropped " + what + " from an app", **fields)

@@ -1,0 +1,1 @@
+"""Backbones: what carries messages between the instances of the bus."""

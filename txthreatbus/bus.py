@@ -1,0 +1,202 @@
+"""
+The bus core: topic routing to in-process consumers, and snapshots.
+
+Everything published goes through the backbone (``IBackbone``), which hands
+it back to ``Bus.deliver`` on every instance: Intel and Sightings go to the
+consumers of matching topics, SnapshotRequests to the app plugins
+(``IApp``), and SnapshotEnvelopes to the consumer that asked for that
+snapshot, and to no one else.
+
+A consumer is any callable taking one message.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+from typing import Callable, Dict, List, Optional, Tuple
+
+import attrs
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
+from twisted.logger import Logger
+
+from txthreatbus import logs
+from txthreatbus.interfaces import IApp, IBackbone
+from txthreatbus.metrics import Metrics
+from txthreatbus.model import (
+    MESSAGE_TYPES,
+    Intel,
+    MessageType,
+    Sighting,
+    SnapshotEnvelope,
+    SnapshotRequest,
+)
+
+log = Logger(observer=logs.publisher)
+
+Consumer = Callable[[object], None]
+
+
+def topic_chain(topic: str) -> Tuple[str, ...]:
+    """``topic`` and its ancestors, root first: ``a/b`` gives ``a``, ``a/b``."""
+    parts = topic.split("/")
+    return tuple("/".join(parts[: i + 1]) for i in range(len(parts)))
+
+
+def matches(subscribed: str, topic: str) -> bool:
+    """Whether a subscription to ``subscribed`` receives messages on ``topic``."""
+    return topic == subscribed or topic.startswith(subscribed + "/")
+
+
+def snapshot_types(topic: str) -> Tuple[MessageType, ...]:
+    """The message types that a subscription to ``topic`` receives."""
+    return tuple(t for bus_topic, t in MESSAGE_TYPES.items() if matches(topic, bus_topic))
+
+
+@attrs.define(eq=False)
+class _PendingSnapshot:
+    requester: Consumer
+    finished: Deferred
+    timer: object
+    routed: int = 0
+
+
+@attrs.define(eq=False)
+class Bus(Service):
+    """
+    The bus core of one instance.
+
+    @ivar snapshot_timeout: seconds after which a snapshot is over and
+        envelopes for it are dropped.
+    """
+
+    backbone: IBackbone
+    clock: object
+    metrics: Metrics = attrs.field(factory=Metrics)
+    snapshot_timeout: float = 3600.0
+    _consumers: Dict[str, Dict[Consumer, None]] = attrs.field(init=False, factory=dict)
+    _apps: List[IApp] = attrs.field(init=False, factory=list)
+    _snapshots: Dict[str, _PendingSnapshot] = attrs.field(init=False, factory=dict)
+
+    def __attrs_post_init__(self):
+        if not IBackbone.providedBy(self.backbone):
+            raise TypeError(f"not an IBackbone: {self.backbone!r}")
+        self.backbone.attach(self.deliver)
+
+    # --- plugins and consumers
+
+    def add_app(self, app: IApp) -> None:
+        """Let ``app`` receive the snapshot requests of every instance."""
+        self._apps.append(app)
+
+    def subscribe(self, topic: str, consumer: Consumer) -> None:
+        """Give ``consumer`` every Intel and Sighting on ``topic`` or below."""
+        self._consumers.setdefault(topic, {})[consumer] = None
+
+    def unsubscribe(self, topic: str, consumer: Consumer) -> None:
+        """Stop giving ``consumer`` the messages of ``topic``; harmless if it got none."""
+        consumers = self._consumers.get(topic)
+        if consumers is not None:
+            consumers.pop(consumer, None)
+            if not consumers:
+                del self._consumers[topic]
+
+    def publish(self, message) -> None:
+        """Publish ``message`` to every instance of the bus."""
+        self.backbone.publish(message)
+
+    # --- what the backbone hands over
+
+    def deliver(self, message) -> None:
+        """Route one message that the backbone carried to this instance."""
+        if isinstance(message, (Intel, Sighting)):
+            self._route(message)
+        elif isinstance(message, SnapshotEnvelope):
+            self._route_envelope(message)
+        elif isinstance(message, SnapshotRequest):
+            self._fan_out(message)
+        else:
+            log.error("Dropped a message the bus does not route: {message!r}", message=message)
+            self.metrics.drop("unroutable")
+
+    def _route(self, message) -> None:
+        for topic in topic_chain(message.topic):
+            consumers = self._consumers.get(topic)
+            if consumers:
+                for consumer in list(consumers):
+                    try:
+                        consumer(message)
+                    except Exception:
+                        log.failure("Consumer {consumer!r} failed", consumer=consumer)
+
+    def _fan_out(self, request: SnapshotRequest) -> None:
+        pending = self._snapshots.get(request.snapshot_id)
+        requester = pending.requester if pending is not None else None
+        handed = [maybeDeferred(app.snapshot, request, requester) for app in self._apps]
+        gatherResults(handed, consumeErrors=True).addErrback(
+            lambda f: log.failure(
+                "An app failed to pass on snapshot request {id}", f, id=request.snapshot_id
+            )
+        )
+
+    def _route_envelope(self, envelope: SnapshotEnvelope) -> None:
+        pending = self._snapshots.get(envelope.snapshot_id)
+        if pending is None:
+            log.debug("Dropped an envelope for unknown snapshot {id}", id=envelope.snapshot_id)
+            self.metrics.drop("unknown_snapshot")
+            return
+        pending.routed += 1
+        self.metrics.envelopes_routed.inc()
+        try:
+            pending.requester(envelope.body)
+        except Exception:
+            log.failure("Snapshot requester {r!r} failed", r=pending.requester)
+
+    # --- snapshots
+
+    def request_snapshot(
+        self, topic: str, snapshot: timedelta, requester: Consumer
+    ) -> Tuple[str, Deferred]:
+        """
+        Ask every app of every instance for the items of ``topic`` of the last
+        ``snapshot``, and have their answers handed to ``requester`` only.
+
+        Returns the snapshot id and a Deferred that fires with the number of
+        items handed over, when the snapshot expires or is cancelled.
+        """
+        snapshot_id = str(uuid.uuid4())
+        pending = _PendingSnapshot(
+            requester=requester,
+            finished=Deferred(),
+            timer=self.clock.callLater(self.snapshot_timeout, self.finish_snapshot, snapshot_id),
+        )
+        self._snapshots[snapshot_id] = pending
+        self.metrics.snapshots_pending.inc()
+        log.info(
+            "Snapshot {id} of {topic} over {snapshot} requested", id=snapshot_id, topic=topic,
+            snapshot=snapshot,
+        )
+        for snapshot_type in snapshot_types(topic):
+            self.publish(SnapshotRequest(snapshot_type, snapshot_id, snapshot))
+        return snapshot_id, pending.finished
+
+    def finish_snapshot(self, snapshot_id: str) -> None:
+        """End a snapshot: drop later envelopes for it and free its state."""
+        pending = self._snapshots.pop(snapshot_id, None)
+        if pending is None:
+            return
+        if pending.timer.active():
+            pending.timer.cancel()
+        self.metrics.snapshots_pending.dec()
+        log.info("Snapshot {id} over: {n} items routed", id=snapshot_id, n=pending.routed)
+        pending.finished.callback(pending.routed)
+
+    def pending_snapshots(self) -> int:
+        """How many snapshots are waiting for answers."""
+        return len(self._snapshots)
+
+    def stopService(self):
+        for snapshot_id in list(self._snapshots):
+            self.finish_snapshot(snapshot_id)
+        return super().stopService()

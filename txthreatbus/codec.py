@@ -1,0 +1,199 @@
+"""
+The wire codec: messages to JSON and back, as Threat Bus 2020.11.26 writes them.
+
+``encode`` gives a message's JSON bytes and computes them once per message
+object, however many apps receive it. ``decode`` validates everything it
+reads and raises ``DecodeError`` (and nothing else) with a message that says
+what is wrong.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta
+
+from txthreatbus.model import (
+    BY_TOPIC,
+    Intel,
+    IntelData,
+    IntelType,
+    Message,
+    MessageType,
+    Operation,
+    Sighting,
+    SnapshotEnvelope,
+    SnapshotRequest,
+)
+
+
+class DecodeError(ValueError):
+    """Input that is not a well-formed message; the text says why."""
+
+
+_MEMO = "_txthreatbus_wire"
+
+
+def encode(message: Message) -> bytes:
+    """The JSON encoding of ``message``, computed at most once per message."""
+    memo = vars(message)
+    wire = memo.get(_MEMO)
+    if wire is None:
+        wire = memo[_MEMO] = json.dumps(unstructure(message)).encode("utf-8")
+    return wire
+
+
+def unstructure(message: Message) -> dict:
+    """The JSON value of ``message``, as Threat Bus 2020.11.26 encodes it."""
+    if isinstance(message, Intel):
+        data = dict(message.data.extra)
+        data["indicator"] = list(message.data.indicator)
+        data["intel_type"] = message.data.intel_type.value
+        return {
+            "ts": str(message.ts),
+            "id": message.id,
+            "data": data,
+            "operation": message.operation.value,
+        }
+    if isinstance(message, Sighting):
+        return {
+            "ts": str(message.ts),
+            "intel": message.intel,
+            "context": message.context,
+            "ioc": None if message.ioc is None else list(message.ioc),
+        }
+    if isinstance(message, SnapshotRequest):
+        return {
+            "snapshot_type": message.snapshot_type.value,
+            "snapshot_id": message.snapshot_id,
+            "snapshot": int(message.snapshot.total_seconds()),
+        }
+    if isinstance(message, SnapshotEnvelope):
+        return {
+            "snapshot_type": message.snapshot_type.value,
+            "snapshot_id": message.snapshot_id,
+            "body": unstructure(message.body),
+        }
+    raise TypeError(f"not a message: {message!r}")
+
+
+def decode(topic: str, data: bytes) -> Message:
+    """
+    The message of bus ``topic`` (e.g. ``threatbus/intel``) encoded in
+    ``data``; raises ``DecodeError`` if it is not one.
+    """
+    cls = BY_TOPIC.get(topic)
+    if cls is None:
+        raise DecodeError(f"unknown topic {topic!r}")
+    return structure(cls, loads(data))
+
+
+def loads(data: bytes) -> object:
+    """Parse JSON bytes; any failure is a ``DecodeError``."""
+    try:
+        return json.loads(data)
+    except UnicodeDecodeError:
+        raise DecodeError("not UTF-8") from None
+    except RecursionError:
+        raise DecodeError("JSON nested too deeply") from None
+    except ValueError as e:
+        raise DecodeError(f"invalid JSON: {e}") from None
+
+
+def structure(cls: type, value: object) -> Message:
+    """The message of class ``cls`` that the JSON ``value`` describes."""
+    fields = _Fields(value, cls.__name__)
+    try:
+        return _STRUCTURERS[cls](fields)
+    except (TypeError, ValueError, OverflowError) as e:
+        if isinstance(e, DecodeError):
+            raise
+        raise DecodeError(f"{cls.__name__}: {e}") from None
+
+
+class _Fields:
+    """Typed access to the keys of a JSON object, failing with DecodeError."""
+
+    def __init__(self, value: object, what: str):
+        if not isinstance(value, dict):
+            raise DecodeError(f"{what} must be a JSON object, not {type(value).__name__}")
+        self.value = value
+        self.what = what
+
+    def get(self, key: str, types: tuple, optional: bool = False):
+        try:
+            v = self.value[key]
+        except KeyError:
+            if optional:
+                return None
+            raise DecodeError(f"{self.what} has no {key!r}") from None
+        if v is None and optional:
+            return None
+        if not isinstance(v, types) or isinstance(v, bool) and bool not in types:
+            names = " or ".join(t.__name__ for t in types)
+            raise DecodeError(f"{self.what}.{key} must be {names}, not {type(v).__name__}")
+        return v
+
+    def ts(self) -> datetime:
+        raw = self.get("ts", (str,))
+        try:
+            return datetime.fromisoformat(raw[:-1] + "+00:00" if raw.endswith("Z") else raw)
+        except ValueError:
+            raise DecodeError(f"{self.what}.ts is not a timestamp: {raw!r}") from None
+
+    def enum(self, key: str, enum_cls: type, types: tuple):
+        raw = self.get(key, types)
+        try:
+            return enum_cls(raw)
+        except ValueError:
+            raise DecodeError(f"{self.what}.{key}: unknown {enum_cls.__name__} {raw!r}") from None
+
+
+def _intel(f: _Fields) -> Intel:
+    data = _Fields(f.get("data", (dict,)), "Intel.data")
+    extra = {k: v for k, v in data.value.items() if k not in ("indicator", "intel_type")}
+    return Intel(
+        ts=f.ts(),
+        id=f.get("id", (str,)),
+        data=IntelData(
+            indicator=tuple(data.get("indicator", (list,))),
+            intel_type=data.enum("intel_type", IntelType, (int,)),
+            extra=extra,
+        ),
+        operation=f.enum("operation", Operation, (str,)),
+    )
+
+
+def _sighting(f: _Fields) -> Sighting:
+    ioc = f.get("ioc", (list,), optional=True)
+    return Sighting(
+        ts=f.ts(),
+        intel=f.get("intel", (str,)),
+        context=f.get("context", (dict,), optional=True) or {},
+        ioc=None if ioc is None else tuple(ioc),
+    )
+
+
+def _snapshot_request(f: _Fields) -> SnapshotRequest:
+    return SnapshotRequest(
+        snapshot_type=f.enum("snapshot_type", MessageType, (int,)),
+        snapshot_id=f.get("snapshot_id", (str,)),
+        snapshot=timedelta(seconds=f.get("snapshot", (int,))),
+    )
+
+
+def _snapshot_envelope(f: _Fields) -> SnapshotEnvelope:
+    snapshot_type = f.enum("snapshot_type", MessageType, (int,))
+    body_cls = Intel if snapshot_type is MessageType.INTEL else Sighting
+    return SnapshotEnvelope(
+        snapshot_type=snapshot_type,
+        snapshot_id=f.get("snapshot_id", (str,)),
+        body=structure(body_cls, f.get("body", (dict,))),
+    )
+
+
+_STRUCTURERS = {
+    Intel: _intel,
+    Sighting: _sighting,
+    SnapshotRequest: _snapshot_request,
+    SnapshotEnvelope: _snapshot_envelope,
+}

@@ -1,0 +1,240 @@
+"""
+Configuration: YAML in the Threat Bus layout, loaded into frozen attrs values.
+
+An existing Threat Bus ``config.yaml`` works unchanged::
+
+    logging: {console: true, console_verbosity: INFO, file: false, ...}
+    plugins:
+      backbones:
+        inmem: {}            # or rabbitmq: {host: ..., queue: {...}}
+      apps:
+        zmq-app: {host: 127.0.0.1, manage: 13370, pub: 13371, sub: 13372}
+    metrics: {host: 127.0.0.1, port: 9100}   # optional
+
+Every key has a default. Anything wrong (a missing file, bad YAML, an
+unknown key or plugin, a wrong type, a port out of range) raises
+``ConfigError`` with one line that names the key.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import attrs
+import yaml
+
+LEVELS = ("DEBUG", "INFO", "WARN", "WARNING", "ERROR", "CRITICAL")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the text names the key."""
+
+
+# --- validators with messages a user can act on
+
+
+def _check(ok, expected):
+    def validator(instance, attribute, value):
+        if not ok(value):
+            raise ValueError(f"must be {expected}, not {value!r}")
+
+    return validator
+
+
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+boolean = _check(lambda v: isinstance(v, bool), "true or false")
+string = _check(lambda v: isinstance(v, str) and v != "", "a non-empty string")
+optional_string = _check(lambda v: v is None or isinstance(v, str) and v != "", "a string")
+port = _check(lambda v: _is_int(v) and 1 <= v <= 65535, "a port number from 1 to 65535")
+listen_port = _check(
+    lambda v: _is_int(v) and 0 <= v <= 65535, "a port number from 1 to 65535 (0: any free port)"
+)
+positive_int = _check(lambda v: _is_int(v) and v > 0, "a whole number > 0")
+non_negative_int = _check(lambda v: _is_int(v) and v >= 0, "a whole number >= 0")
+positive_number = _check(lambda v: _is_number(v) and v > 0, "a number > 0")
+non_negative_number = _check(lambda v: _is_number(v) and v >= 0, "a number >= 0")
+level = _check(lambda v: isinstance(v, str) and v.upper() in LEVELS, "one of " + ", ".join(LEVELS))
+
+
+def section(cls):
+    """A field holding the nested section ``cls``, defaulted from ``{}``."""
+    return attrs.field(factory=cls, metadata={"section": cls})
+
+
+# --- the sections
+
+
+@attrs.frozen
+class LoggingConfig:
+    console: bool = attrs.field(default=True, validator=boolean)
+    console_verbosity: str = attrs.field(default="INFO", validator=level)
+    file: bool = attrs.field(default=False, validator=boolean)
+    file_verbosity: str = attrs.field(default="DEBUG", validator=level)
+    filename: str = attrs.field(default="threatbus.log", validator=string)
+
+
+@attrs.frozen
+class InMemConfig:
+    """The in-memory backbone has nothing to configure."""
+
+
+@attrs.frozen
+class QueueConfig:
+    name_suffix: Optional[str] = attrs.field(default=None, validator=optional_string)
+    durable: bool = attrs.field(default=True, validator=boolean)
+    auto_delete: bool = attrs.field(default=False, validator=boolean)
+    lazy: bool = attrs.field(default=True, validator=boolean)
+    exclusive: bool = attrs.field(default=False, validator=boolean)
+    max_items: int = attrs.field(default=0, validator=non_negative_int)
+
+
+@attrs.frozen
+class RabbitMQConfig:
+    host: str = attrs.field(default="localhost", validator=string)
+    port: int = attrs.field(default=5672, validator=port)
+    username: str = attrs.field(default="guest", validator=string)
+    password: str = attrs.field(default="guest", validator=string)
+    vhost: str = attrs.field(default="/", validator=string)
+    naming_join_pattern: str = attrs.field(default=".", validator=string)
+    queue: QueueConfig = section(QueueConfig)
+    prefetch: int = attrs.field(default=1000, validator=positive_int)
+    buffer_size: int = attrs.field(default=100_000, validator=positive_int)
+    dedup_window: int = attrs.field(default=100_000, validator=positive_int)
+    reconnect_max_delay: float = attrs.field(default=30.0, validator=positive_number)
+
+
+@attrs.frozen
+class CurveConfig:
+    server_secret_key_file: str = attrs.field(default=None, validator=string)
+    authorized_clients_dir: str = attrs.field(default=None, validator=string)
+
+
+@attrs.frozen
+class ZmqAppConfig:
+    host: str = attrs.field(default="127.0.0.1", validator=string)
+    manage: int = attrs.field(default=13370, validator=listen_port)
+    pub: int = attrs.field(default=13371, validator=listen_port)
+    sub: int = attrs.field(default=13372, validator=listen_port)
+    advertise_host: Optional[str] = attrs.field(default=None, validator=optional_string)
+    snapshot_timeout: float = attrs.field(default=3600.0, validator=positive_number)
+    subscription_timeout: float = attrs.field(default=0.0, validator=non_negative_number)
+    buffer_size: int = attrs.field(default=10_000, validator=positive_int)
+    max_message_size: int = attrs.field(default=1 << 20, validator=positive_int)
+    max_subscriptions: int = attrs.field(default=10_000, validator=positive_int)
+    curve: Optional[CurveConfig] = attrs.field(default=None, metadata={"section": CurveConfig})
+
+
+@attrs.frozen
+class MetricsConfig:
+    host: str = attrs.field(default="127.0.0.1", validator=string)
+    port: int = attrs.field(default=9100, validator=listen_port)
+
+
+Backbone = Union[InMemConfig, RabbitMQConfig]
+BACKBONES = {"inmem": InMemConfig, "rabbitmq": RabbitMQConfig}
+APPS = {"zmq-app": ZmqAppConfig}
+
+
+@attrs.frozen
+class Config:
+    logging: LoggingConfig = attrs.field(factory=LoggingConfig)
+    backbone: Backbone = attrs.field(factory=InMemConfig)
+    zmq_app: ZmqAppConfig = attrs.field(factory=ZmqAppConfig)
+    metrics: Optional[MetricsConfig] = None
+
+
+# --- loading
+
+
+def load(path: str) -> Config:
+    """The configuration in the YAML file ``path``."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config file: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: the config file is not UTF-8 text") from None
+    try:
+        return parse(text)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def parse(text: str) -> Config:
+    """The configuration in YAML ``text``."""
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"invalid YAML{where}: {getattr(e, 'problem', e)}") from None
+    return from_mapping(document or {})
+
+
+def from_mapping(document: dict) -> Config:
+    """The configuration in a parsed YAML ``document``."""
+    top = _mapping(document, "the top level")
+    _no_unknown(top, ("logging", "plugins", "metrics"), "")
+    plugins = _mapping(top.get("plugins"), "plugins")
+    _no_unknown(plugins, ("backbones", "apps"), "plugins.")
+    backbones = _mapping(plugins.get("backbones"), "plugins.backbones")
+    _no_unknown(backbones, BACKBONES, "plugins.backbones.", "backbone plugin")
+    if len(backbones) > 1:
+        raise ConfigError("plugins.backbones: configure one backbone, not " + ", ".join(backbones))
+    apps = _mapping(plugins.get("apps"), "plugins.apps")
+    _no_unknown(apps, APPS, "plugins.apps.", "app plugin")
+    (backbone_name, backbone), = backbones.items() or [("inmem", {})]
+    metrics = top.get("metrics")
+    return Config(
+        logging=_build(LoggingConfig, top.get("logging"), "logging"),
+        backbone=_build(BACKBONES[backbone_name], backbone, "plugins.backbones." + backbone_name),
+        zmq_app=_build(ZmqAppConfig, apps.get("zmq-app"), "plugins.apps.zmq-app"),
+        metrics=None if metrics is None else _build(MetricsConfig, metrics, "metrics"),
+    )
+
+
+def _mapping(value, path: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: must be a mapping, not {value!r}")
+    return value
+
+
+def _no_unknown(mapping: dict, known, prefix: str, what: str = "key") -> None:
+    for key in mapping:
+        if key not in known:
+            raise ConfigError(
+                f"{prefix}{key}: unknown {what} (known: {', '.join(sorted(known))})"
+            )
+
+
+def _build(cls, value, path: str):
+    mapping = _mapping(value, path)
+    fields = attrs.fields_dict(cls)
+    _no_unknown(mapping, fields, path + ".")
+    kwargs = {}
+    for name, v in mapping.items():
+        field = fields[name]
+        if "section" in field.metadata:
+            v = _build(field.metadata["section"], v, f"{path}.{name}")
+        elif field.validator is not None:
+            try:
+                field.validator(None, field, v)
+            except ValueError as e:
+                raise ConfigError(f"{path}.{name}: {e}") from None
+        kwargs[name] = v
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        # a required key left at its (invalid) default
+        missing = [f.name for f in attrs.fields(cls) if f.name not in mapping]
+        raise ConfigError(f"{path}: needs {', '.join(missing)} ({e})") from None

@@ -1,0 +1,220 @@
+"""
+The messages that travel on the bus, as frozen attrs values.
+
+They mirror Threat Bus 2020.11.26's ``threatbus.data`` so that its apps and
+ours agree on every field; ``txthreatbus.codec`` turns them into the wire
+JSON and back. Every constructor validates its fields: a message that exists
+is well formed.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime, timedelta
+from typing import ClassVar, Optional, Tuple, Union
+
+import attrs
+
+
+class Operation(enum.Enum):
+    """What an Intel item asks of its receivers."""
+
+    ADD = "ADD"
+    REMOVE = "REMOVE"
+
+
+class IntelType(enum.IntEnum):
+    """The kind of indicator, numbered as Threat Bus 2020.11.26 numbers it."""
+
+    IPSRC = 1
+    IPDST = 2
+    IPSRC_PORT = 3
+    IPDST_PORT = 4
+    EMAILSRC = 5
+    EMAILDST = 6
+    TARGETEMAIL = 7
+    EMAILATTACHMENT = 8
+    FILENAME = 9
+    HOSTNAME = 10
+    DOMAIN = 11
+    DOMAIN_IP = 12
+    URL = 13
+    URI = 14
+    USERAGENT = 15
+    MD5 = 16
+    MALWARESAMPLE = 17
+    FILENAME_MD5 = 18
+    SHA1 = 19
+    FILENAME_SHA1 = 20
+    SHA256 = 21
+    FILENAME_SHA256 = 22
+    X509FINGERPRINTSHA1 = 23
+    PDB = 24
+    AUTHENTIHASH = 25
+    SSDEEP = 26
+    IMPHASH = 27
+    PEHASH = 28
+    IMPFUZZY = 29
+    SHA224 = 30
+    SHA384 = 31
+    SHA512 = 32
+    SHA512_224 = 33
+    SHA512_256 = 34
+    TLSH = 35
+    CDHASH = 36
+    FILENAME_AUTHENTIHASH = 37
+    FILENAME_SSDEEP = 38
+    FILENAME_IMPHASH = 39
+    FILENAME_PEHASH = 40
+    FILENAME_IMPFUZZY = 41
+    FILENAME_SHA224 = 42
+    FILENAME_SHA384 = 43
+    FILENAME_SHA512 = 44
+    FILENAME_SHA512_224 = 45
+    FILENAME_SHA512_256 = 46
+    FILENAME_TLSH = 47
+
+
+class MessageType(enum.IntEnum):
+    """The kinds of message a snapshot can carry."""
+
+    INTEL = 1
+    SIGHTING = 2
+
+
+def _strings(instance, attribute, value):
+    if not isinstance(value, tuple) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{attribute.name} must be a list of strings, not {value!r}")
+
+
+def _non_empty_strings(instance, attribute, value):
+    _strings(instance, attribute, value)
+    if not value:
+        raise ValueError(f"{attribute.name} must not be empty")
+
+
+def _datetime(instance, attribute, value):
+    if not isinstance(value, datetime):
+        raise ValueError(f"{attribute.name} must be a datetime, not {value!r}")
+
+
+_str = attrs.validators.instance_of(str)
+_dict = attrs.validators.instance_of(dict)
+
+
+def _tuple(value):
+    return tuple(value) if isinstance(value, list) else value
+
+
+# Messages are not slotted: the codec memoises each message's encoding in the
+# instance dictionary, so that one message sent to many apps is encoded once.
+_message = attrs.frozen(slots=False)
+
+
+@_message
+class IntelData:
+    """The indicator of an Intel item, its type, and any extra keys."""
+
+    indicator: Tuple[str, ...] = attrs.field(converter=_tuple, validator=_non_empty_strings)
+    intel_type: IntelType = attrs.field(validator=attrs.validators.instance_of(IntelType))
+    extra: dict = attrs.field(factory=dict, validator=_dict)
+
+    @extra.validator
+    def _no_reserved_keys(self, attribute, value):
+        reserved = {"indicator", "intel_type"} & value.keys()
+        if reserved:
+            raise ValueError(f"extra data must not repeat {sorted(reserved)}")
+
+
+@_message
+class Intel:
+    """An indicator of compromise, added or removed."""
+
+    topic: ClassVar[str] = "threatbus/intel"
+
+    ts: datetime = attrs.field(validator=_datetime)
+    id: str = attrs.field(validator=_str)
+    data: IntelData = attrs.field(validator=attrs.validators.instance_of(IntelData))
+    operation: Operation = attrs.field(validator=attrs.validators.instance_of(Operation))
+
+
+@_message
+class Sighting:
+    """An indicator seen in the wild: which Intel item, where, and what."""
+
+    topic: ClassVar[str] = "threatbus/sighting"
+
+    ts: datetime = attrs.field(validator=_datetime)
+    intel: str = attrs.field(validator=_str)
+    context: dict = attrs.field(factory=dict, validator=_dict)
+    ioc: Optional[Tuple[str, ...]] = attrs.field(
+        default=None, converter=_tuple, validator=attrs.validators.optional(_strings)
+    )
+
+
+def _positive_timedelta(instance, attribute, value):
+    if not isinstance(value, timedelta) or value <= timedelta(0):
+        raise ValueError(f"{attribute.name} must be a positive duration, not {value!r}")
+
+
+@_message
+class SnapshotRequest:
+    """A request to every app for its items of the last ``snapshot``."""
+
+    topic: ClassVar[str] = "threatbus/snapshotrequest"
+
+    snapshot_type: MessageType = attrs.field(validator=attrs.validators.instance_of(MessageType))
+    snapshot_id: str = attrs.field(validator=_str)
+    snapshot: timedelta = attrs.field(validator=_positive_timedelta)
+
+
+_BODY_TYPES = {MessageType.INTEL: Intel, MessageType.SIGHTING: Sighting}
+
+
+@_message
+class SnapshotEnvelope:
+    """One item of a snapshot, on its way back to the app that asked."""
+
+    topic: ClassVar[str] = "threatbus/snapshotenvelope"
+
+    snapshot_type: MessageType = attrs.field(validator=attrs.validators.instance_of(MessageType))
+    snapshot_id: str = attrs.field(validator=_str)
+    body: Union[Intel, Sighting] = attrs.field()
+
+    @body.validator
+    def _body_matches_type(self, attribute, value):
+        expected = _BODY_TYPES[self.snapshot_type]
+        if not isinstance(value, expected):
+            raise ValueError(
+                f"a {self.snapshot_type.name} snapshot envelope must carry "
+                f"{expected.__name__}, not {type(value).__name__}"
+            )
+
+
+def _non_negative_timedelta(instance, attribute, value):
+    if not isinstance(value, timedelta) or value < timedelta(0):
+        raise ValueError(f"{attribute.name} must be a duration >= 0, not {value!r}")
+
+
+@attrs.frozen
+class Subscription:
+    """An app's wish to receive ``topic``, with a snapshot of the last ``snapshot``."""
+
+    topic: str = attrs.field(validator=_str)
+    snapshot: timedelta = attrs.field(default=timedelta(0), validator=_non_negative_timedelta)
+
+
+@attrs.frozen
+class Unsubscription:
+    """An app's wish to stop receiving on its point-to-point topic."""
+
+    topic: str = attrs.field(validator=_str)
+
+
+Message = Union[Intel, Sighting, SnapshotRequest, SnapshotEnvelope]
+
+#: Message classes by their bus topic.
+BY_TOPIC = {cls.topic: cls for cls in (Intel, Sighting, SnapshotRequest, SnapshotEnvelope)}
+
+#: The message type a topic carries items of, for snapshots.
+MESSAGE_TYPES = {Intel.topic: MessageType.INTEL, Sighting.topic: MessageType.SIGHTING}

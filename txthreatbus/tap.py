@@ -1,0 +1,70 @@
+"""
+``twistd zmq-app``: the command-line options, and the wiring of the bus.
+
+``bus_service(config)`` builds the whole bus as one ``MultiService`` (logging,
+backbone, bus core, zmq-app, metrics), so that it composes into any Twisted
+application; ``makeService`` is what twistd calls.
+"""
+
+from __future__ import annotations
+
+from twisted.application.service import MultiService
+from twisted.python import usage
+
+from txthreatbus import config as configuration
+from txthreatbus.apps.zmq_app import ZmqAppService
+from txthreatbus.backbones.inmem import InMemoryBackbone
+from txthreatbus.bus import Bus
+from txthreatbus.logs import LoggingService
+from txthreatbus.metrics import Metrics, metrics_service
+
+
+class Options(usage.Options):
+    synopsis = "[--config FILE]"
+    longdesc = (
+        "Run Threat Bus with the zmq-app plugin. Without --config it runs on "
+        "defaults: in-memory backbone, 127.0.0.1:13370 (manage), 13371 (pub), 13372 (sub)."
+    )
+    optParameters = [
+        ["config", "c", None, "a Threat Bus config.yaml (logging, plugins, metrics)"],
+    ]
+
+    def postOptions(self):
+        path = self["config"]
+        try:
+            self["config"] = configuration.load(path) if path else configuration.Config()
+        except configuration.ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+
+
+def _backbone(config, metrics, reactor):
+    if isinstance(config, configuration.RabbitMQConfig):
+        from txthreatbus.backbones.rabbitmq import RabbitMQBackbone
+
+        return RabbitMQBackbone(config, metrics, reactor)
+    return InMemoryBackbone()
+
+
+def bus_service(config: configuration.Config, reactor=None) -> MultiService:
+    """The bus that ``config`` describes, as one service tree."""
+    if reactor is None:
+        from twisted.internet import reactor
+    top = MultiService()
+    top.setName("txthreatbus")
+    LoggingService(config.logging).setServiceParent(top)
+    metrics = Metrics()
+    backbone = _backbone(config.backbone, metrics, reactor)
+    backbone.setServiceParent(top)
+    bus = Bus(backbone, reactor, metrics, snapshot_timeout=config.zmq_app.snapshot_timeout)
+    bus.setName("bus")
+    bus.setServiceParent(top)
+    ZmqAppService(config.zmq_app, bus, reactor).setServiceParent(top)
+    if config.metrics is not None:
+        web = metrics_service(metrics, config.metrics.host, config.metrics.port, reactor)
+        web.setName("metrics")
+        web.setServiceParent(top)
+    return top
+
+
+def makeService(options: Options) -> MultiService:
+    return bus_service(options["config"])
