@@ -19,6 +19,7 @@ from txzmq import ZmqFactory
 from zope.interface import implementer
 
 from txthreatbus import logs
+from txthreatbus.apps.zmq_app.curve import ZapHandler, load_keys, secure
 from txthreatbus.apps.zmq_app.manage import ManageConnection, ManagementHandler
 from txthreatbus.apps.zmq_app.publisher import Publisher, PublisherConnection
 from txthreatbus.apps.zmq_app.receiver import ReceiverConnection
@@ -67,6 +68,10 @@ class ZmqAppService(MultiService):
             timeout=config.subscription_timeout,
             limit=config.max_subscriptions,
         )
+        self._keys = None
+        if config.curve is not None:
+            # first: the sockets that follow need it to admit anyone
+            SocketService("zap", self._open_zap).setServiceParent(self)
         self._publisher_socket = SocketService("pub", self._open_publisher)
         self._receiver_socket = SocketService("sub", self._open_receiver)
         self._manage_socket = SocketService("manage", self._open_manage)
@@ -93,9 +98,18 @@ class ZmqAppService(MultiService):
             self._factory.lingerPeriod = LINGER_MS
         return self._factory
 
+    def _bind(self, connection, key: str) -> int:
+        if self._keys is not None:
+            secure(connection, self._keys)
+        return bind(connection, tcp_address(self.config.host, getattr(self.config, key)), key)
+
+    def _open_zap(self):
+        self._keys = load_keys(self.config.curve)
+        return ZapHandler(self._zmq(), self._keys, self._metrics), None
+
     def _open_publisher(self):
         connection = PublisherConnection(self._zmq(), self._subscription_changed, SEND_HWM)
-        port = bind(connection, tcp_address(self.config.host, self.config.pub), "pub")
+        port = self._bind(connection, "pub")
         self.publisher.connection = connection
         return connection, port
 
@@ -103,7 +117,7 @@ class ZmqAppService(MultiService):
         connection = ReceiverConnection(
             self._zmq(), self._bus.publish, self._metrics, RECEIVE_HWM, self.config.max_message_size
         )
-        return connection, bind(connection, tcp_address(self.config.host, self.config.sub), "sub")
+        return connection, self._bind(connection, "sub")
 
     def _open_manage(self):
         host = advertised_host(self.config)
@@ -121,7 +135,7 @@ class ZmqAppService(MultiService):
         connection = ManageConnection(
             self._zmq(), handler.handle, self._metrics, self.config.max_message_size
         )
-        return connection, bind(connection, tcp_address(self.config.host, self.config.manage), "manage")
+        return connection, self._bind(connection, "manage")
 
     def _subscription_changed(self, subscribed: bool, topic: bytes) -> None:
         sub = self.subscriptions.get(topic[:32].decode("ascii", "replace"))

@@ -58,7 +58,8 @@ class SocketService(Service):
     def privilegedStartService(self):
         if self.connection is None:
             self.connection, self.port = self._open()
-            log.info("zmq-app {name} endpoint bound on port {port}", name=self.name, port=self.port)
+            if self.port is not None:
+                log.info("zmq-app {name} endpoint bound on port {port}", name=self.name, port=self.port)
         super().privilegedStartService()
 
     def startService(self):

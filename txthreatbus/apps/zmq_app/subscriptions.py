@@ -35,7 +35,10 @@ def new_p2p_topic() -> str:
 class AppSubscription:
     """One app's subscription: its topics, its unsent frames, its timers."""
 
-    __slots__ = ("p2p", "prefix", "topic", "publisher", "ready", "pending", "timer", "snapshot_id")
+    __slots__ = (
+        "p2p", "prefix", "topic", "publisher", "ready", "pending", "timer", "snapshot_id",
+        "__weakref__",
+    )
 
     def __init__(self, p2p: str, topic: str, publisher):
         self.p2p = p2p

@@ -1,0 +1,261 @@
+"""
+Unit tests of the zmq-app's subscriptions, publisher buffers and management
+handler, with task.Clock and a fake socket.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import weakref
+from datetime import datetime, timedelta
+
+import zmq
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet.task import Clock
+from twisted.logger import globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase
+
+from txthreatbus import codec
+from txthreatbus.apps.zmq_app.manage import ManagementHandler
+from txthreatbus.apps.zmq_app.publisher import RETRY_INTERVAL, Publisher
+from txthreatbus.apps.zmq_app.subscriptions import Subscriptions
+from txthreatbus.backbones.inmem import InMemoryBackbone
+from txthreatbus.bus import Bus
+from txthreatbus.model import Intel, IntelData, IntelType, Operation
+
+
+def intel(i: int) -> Intel:
+    return Intel(
+        ts=datetime(2020, 11, 26, 14, 46, 52),
+        id=f"intel-{i}",
+        data=IntelData(indicator=(f"evil{i}.example.com",), intel_type=IntelType.DOMAIN),
+        operation=Operation.ADD,
+    )
+
+
+class FakeSocket:
+    """Records frames like a txZMQ connection; ``full`` makes send refuse."""
+
+    def __init__(self):
+        self.sent = []
+        self.full = False
+
+    def send(self, frame):
+        if self.full:
+            raise zmq.Again()
+        self.sent.append(frame)
+
+
+class World:
+    """A bus with the in-memory backbone, a publisher on a fake socket, subscriptions."""
+
+    def __init__(self, timeout=0.0, buffer_size=100, limit=10_000):
+        self.clock = Clock()
+        self.bus = Bus(InMemoryBackbone(), self.clock)
+        self.metrics = self.bus.metrics
+        self.publisher = Publisher(self.clock, self.metrics, buffer_size)
+        self.socket = self.publisher.connection = FakeSocket()
+        self.subscriptions = Subscriptions(self.bus, self.publisher, self.clock, timeout, limit)
+
+    def ids(self, frames=None):
+        frames = self.socket.sent if frames is None else frames
+        return [json.loads(f.partition(b" ")[2])["id"] for f in frames]
+
+
+class LivenessTests(SynchronousTestCase):
+    """subscription_timeout removes apps that stopped heartbeating."""
+
+    def test_expires(self):
+        """Without heartbeat, a subscription is gone after the timeout, and freed."""
+        world = World(timeout=60)
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        sub = world.subscriptions.subscribe("threatbus", timedelta(0))
+        ref = weakref.ref(sub)
+        p2p = sub.p2p
+        del sub
+        world.clock.advance(59)
+        self.assertIsNotNone(world.subscriptions.get(p2p))
+        world.clock.advance(1)
+        self.assertIsNone(world.subscriptions.get(p2p))
+        self.assertEqual(world.clock.getDelayedCalls(), [])
+        gc.collect()
+        self.assertIsNone(ref(), "a reference to the expired subscription is left")
+        self.assertTrue(any(e.get("p2p") == p2p and "no heartbeat" in e["log_format"] for e in events))
+
+    def test_heartbeat_keeps_alive(self):
+        """Each heartbeat restarts the timeout."""
+        world = World(timeout=60)
+        sub = world.subscriptions.subscribe("threatbus", timedelta(0))
+        for _ in range(5):
+            world.clock.advance(50)
+            self.assertTrue(world.subscriptions.heartbeat(sub.p2p))
+        world.clock.advance(59)
+        self.assertIs(world.subscriptions.get(sub.p2p), sub)
+        world.clock.advance(1)
+        self.assertIsNone(world.subscriptions.get(sub.p2p))
+
+    def test_off_by_default(self):
+        """With timeout 0 a subscription stays until it unsubscribes, with no timer."""
+        world = World(timeout=0)
+        sub = world.subscriptions.subscribe("threatbus", timedelta(0))
+        self.assertEqual(world.clock.getDelayedCalls(), [])
+        world.clock.advance(10**9)
+        self.assertIs(world.subscriptions.get(sub.p2p), sub)
+
+    def test_expiry_frees_snapshot_and_buffer(self):
+        """An expired app's pending snapshot ends and its buffered frames are dropped, counted."""
+        world = World(timeout=60)
+        sub = world.subscriptions.subscribe("threatbus", timedelta(days=1))
+        self.assertEqual(world.bus.pending_snapshots(), 1)
+        world.bus.publish(intel(1))
+        self.assertEqual(len(sub.pending), 1)  # its SUB never connected
+        world.clock.advance(60)
+        self.assertEqual(world.bus.pending_snapshots(), 0)
+        self.assertIsNone(sub.pending)
+        self.assertEqual(world.metrics.dropped("unsubscribed"), 1)
+        self.assertEqual(world.clock.getDelayedCalls(), [])
+
+    def test_limit(self):
+        """full() says when max_subscriptions is reached."""
+        world = World(limit=2)
+        world.subscriptions.subscribe("threatbus", timedelta(0))
+        self.assertFalse(world.subscriptions.full())
+        world.subscriptions.subscribe("threatbus", timedelta(0))
+        self.assertTrue(world.subscriptions.full())
+
+
+class BufferTests(SynchronousTestCase):
+    """Frames wait, bounded and in order, until the app can take them."""
+
+    def test_held_until_subscribed(self):
+        """Frames for an app whose SUB has not subscribed go out in order when it does."""
+        world = World()
+        sub = world.subscriptions.subscribe("threatbus/intel", timedelta(0))
+        for i in range(5):
+            world.bus.publish(intel(i))
+        self.assertEqual(world.socket.sent, [])
+        world.publisher.subscribed(sub, True)
+        self.assertEqual(world.ids(), [f"intel-{i}" for i in range(5)])
+        self.assertTrue(all(f.startswith(sub.p2p.encode() + b"intel ") for f in world.socket.sent))
+        world.bus.publish(intel(5))
+        self.assertEqual(world.ids()[-1], "intel-5")
+        self.assertIsNone(sub.pending)
+
+    def test_overflow_drops_oldest(self):
+        """A full buffer drops its oldest frames, counted."""
+        world = World(buffer_size=3)
+        sub = world.subscriptions.subscribe("threatbus/intel", timedelta(0))
+        for i in range(5):
+            world.bus.publish(intel(i))
+        world.publisher.subscribed(sub, True)
+        self.assertEqual(world.ids(), ["intel-2", "intel-3", "intel-4"])
+        self.assertEqual(world.metrics.dropped("buffer_overflow"), 2)
+
+    def test_full_socket_retries(self):
+        """When ZeroMQ refuses (XPUB_NODROP at the high-water mark), frames wait and retry in order."""
+        world = World()
+        sub = world.subscriptions.subscribe("threatbus/intel", timedelta(0))
+        world.publisher.subscribed(sub, True)
+        world.bus.publish(intel(0))
+        world.socket.full = True
+        world.bus.publish(intel(1))
+        world.bus.publish(intel(2))
+        self.assertEqual(world.ids(), ["intel-0"])
+        world.clock.advance(RETRY_INTERVAL)
+        self.assertEqual(world.ids(), ["intel-0"])
+        world.socket.full = False
+        world.bus.publish(intel(3))  # queued behind the others, not sent ahead
+        self.assertEqual(world.ids(), ["intel-0"])
+        world.clock.advance(RETRY_INTERVAL)
+        self.assertEqual(world.ids(), [f"intel-{i}" for i in range(4)])
+        self.assertEqual(world.clock.getDelayedCalls(), [])
+
+    def test_unsubscribed_on_socket(self):
+        """When the app's SUB goes away, frames wait again."""
+        world = World()
+        sub = world.subscriptions.subscribe("threatbus/intel", timedelta(0))
+        world.publisher.subscribed(sub, True)
+        world.publisher.subscribed(sub, False)
+        world.bus.publish(intel(0))
+        self.assertEqual(world.socket.sent, [])
+        world.publisher.subscribed(sub, True)
+        self.assertEqual(world.ids(), ["intel-0"])
+
+    def test_encoded_once(self):
+        """One message sent to many apps is encoded once: every frame shares the body."""
+        world = World()
+        subs = [world.subscriptions.subscribe("threatbus", timedelta(0)) for _ in range(3)]
+        for sub in subs:
+            world.publisher.subscribed(sub, True)
+        calls = []
+        real = codec.unstructure
+        self.patch(codec, "unstructure", lambda m: calls.append(m) or real(m))
+        world.bus.publish(intel(0))
+        bodies = {f.partition(b" ")[2] for f in world.socket.sent}
+        self.assertEqual(len(world.socket.sent), 3)
+        self.assertEqual(len(bodies), 1)
+        self.assertEqual(calls, [intel(0)])
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda children: st.lists(children) | st.dictionaries(st.text(), children),
+    max_leaves=20,
+)
+_requests = st.fixed_dictionaries(
+    {},
+    optional={
+        "action": st.sampled_from(["subscribe", "unsubscribe", "heartbeat", "dance"]) | _json,
+        "topic": st.sampled_from(["threatbus", "threatbus/intel", "threatbus/sighting"]) | _json,
+        "snapshot": st.integers(-5, 400) | st.text() | _json,
+    },
+)
+
+
+class HandlerTests(SynchronousTestCase):
+    """The management handler answers anything with one of the three statuses."""
+
+    def setUp(self):
+        self.world = World(limit=50_000)
+        self.handler = ManagementHandler(self.world.subscriptions, {"pub_port": 1}, self.world.metrics)
+
+    def status(self, frames):
+        reply = self.handler.handle(frames)
+        self.assertIn(reply["status"], ("success", "error", "unknown request"))
+        return reply
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(st.binary(max_size=200), max_size=4))
+    def test_any_bytes(self, frames):
+        """Arbitrary frames never raise out of the handler."""
+        self.status(frames)
+
+    @settings(max_examples=300, deadline=None)
+    @given(_json | _requests)
+    def test_any_json(self, value):
+        """Arbitrary JSON never raises out of the handler."""
+        self.status([json.dumps(value).encode()])
+
+    @settings(max_examples=100, deadline=None)
+    @given(st.sampled_from(["threatbus", "threatbus/intel", "threatbus/sighting"]), st.integers(0, 10_000))
+    def test_valid_subscribe(self, topic, days):
+        """A valid subscribe succeeds, and its topic then heartbeats and unsubscribes."""
+        reply = self.status([json.dumps({"action": "subscribe", "topic": topic, "snapshot": days}).encode()])
+        self.assertEqual(reply["status"], "success")
+        for action in ("heartbeat", "unsubscribe"):
+            request = json.dumps({"action": action, "topic": reply["topic"]}).encode()
+            self.assertEqual(self.status([request]), {"status": "success"})
+
+    def test_max_subscriptions(self):
+        """Past max_subscriptions, subscribe answers error and counts why."""
+        world = World(limit=1)
+        handler = ManagementHandler(world.subscriptions, {}, world.metrics)
+        request = [json.dumps({"action": "subscribe", "topic": "threatbus"}).encode()]
+        self.assertEqual(handler.handle(request)["status"], "success")
+        self.assertEqual(handler.handle(request), {"status": "error"})
+        self.assertEqual(world.metrics.dropped("max_subscriptions"), 1)
+        self.assertEqual(len(world.subscriptions), 1)
