@@ -259,3 +259,24 @@ class HandlerTests(SynchronousTestCase):
         self.assertEqual(handler.handle(request), {"status": "error"})
         self.assertEqual(world.metrics.dropped("max_subscriptions"), 1)
         self.assertEqual(len(world.subscriptions), 1)
+
+
+class TopicTests(SynchronousTestCase):
+    """P2P topics: 32 lowercase letters, drawn from ``secrets``."""
+
+    def test_from_secrets(self):
+        """The topic spells the number drawn from secrets.randbelow in base 26."""
+        from txthreatbus.apps.zmq_app import subscriptions
+
+        draws = []
+        self.patch(subscriptions.secrets, "randbelow", lambda n: draws.append(n) or 27)
+        self.assertEqual(subscriptions.new_p2p_topic(), "bb" + "a" * 30)
+        self.assertEqual(draws, [26**32])
+
+    def test_shape(self):
+        """Topics are 32 lowercase letters and differ."""
+        from txthreatbus.apps.zmq_app.subscriptions import new_p2p_topic
+
+        topics = {new_p2p_topic() for _ in range(1000)}
+        self.assertEqual(len(topics), 1000)
+        self.assertTrue(all(len(t) == 32 and t.isalpha() and t.islower() for t in topics))

@@ -29,7 +29,13 @@ _LETTERS = string.ascii_lowercase
 
 def new_p2p_topic() -> str:
     """32 random lowercase letters, from a cryptographically secure source."""
-    return "".join(secrets.choice(_LETTERS) for _ in range(32))
+    # One unbiased draw of a 32-digit base-26 number, spelled in letters.
+    n = secrets.randbelow(26**32)
+    letters = []
+    for _ in range(32):
+        n, digit = divmod(n, 26)
+        letters.append(_LETTERS[digit])
+    return "".join(letters)
 
 
 class AppSubscription:
