@@ -18,7 +18,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import attrs
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
 
 from txthreatbus import logs
@@ -133,12 +133,17 @@ class Bus(Service):
     def _fan_out(self, request: SnapshotRequest) -> None:
         pending = self._snapshots.get(request.snapshot_id)
         requester = pending.requester if pending is not None else None
-        handed = [maybeDeferred(app.snapshot, request, requester) for app in self._apps]
-        gatherResults(handed, consumeErrors=True).addErrback(
-            lambda f: log.failure(
-                "An app failed to pass on snapshot request {id}", f, id=request.snapshot_id
+        # Each app's failure is logged on its own, with its own traceback
+        # (gatherResults would log only the first, wrapped in a FirstError).
+        for app in self._apps:
+            maybeDeferred(app.snapshot, request, requester).addErrback(
+                lambda f, app=app: log.failure(
+                    "App {app!r} failed to pass on snapshot request {id}",
+                    f,
+                    app=app,
+                    id=request.snapshot_id,
+                )
             )
-        )
 
     def _route_envelope(self, envelope: SnapshotEnvelope) -> None:
         pending = self._snapshots.get(envelope.snapshot_id)
@@ -166,6 +171,10 @@ class Bus(Service):
         items handed over, when the snapshot expires or is cancelled.
         """
         snapshot_id = str(uuid.uuid4())
+        # Built (and so validated) first: a bad request leaves no state behind.
+        requests = [SnapshotRequest(t, snapshot_id, snapshot) for t in snapshot_types(topic)]
+        if not requests:
+            raise ValueError(f"no message types under topic {topic!r} to snapshot")
         pending = _PendingSnapshot(
             requester=requester,
             finished=Deferred(),
@@ -177,8 +186,8 @@ class Bus(Service):
             "Snapshot {id} of {topic} over {snapshot} requested", id=snapshot_id, topic=topic,
             snapshot=snapshot,
         )
-        for snapshot_type in snapshot_types(topic):
-            self.publish(SnapshotRequest(snapshot_type, snapshot_id, snapshot))
+        for request in requests:
+            self.publish(request)
         return snapshot_id, pending.finished
 
     def finish_snapshot(self, snapshot_id: str) -> None:

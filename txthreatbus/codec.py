@@ -10,6 +10,7 @@ what is wrong.
 from __future__ import annotations
 
 import json
+import math
 from datetime import datetime, timedelta
 
 from txthreatbus.model import (
@@ -65,7 +66,7 @@ def unstructure(message: Message) -> dict:
         return {
             "snapshot_type": message.snapshot_type.value,
             "snapshot_id": message.snapshot_id,
-            "snapshot": int(message.snapshot.total_seconds()),
+            "snapshot": message.snapshot // timedelta(seconds=1),
         }
     if isinstance(message, SnapshotEnvelope):
         return {
@@ -87,12 +88,28 @@ def decode(topic: str, data: bytes) -> Message:
     return structure(cls, loads(data))
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number out of range: {text}")
+    return value
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
 def loads(data: bytes) -> object:
     """Parse JSON bytes; any failure is a ``DecodeError``."""
+    if not isinstance(data, str):
+        # json.loads would also take UTF-16 and UTF-32: the wire is UTF-8.
+        try:
+            data = bytes(data).decode("utf-8")
+        except UnicodeDecodeError:
+            raise DecodeError("not UTF-8") from None
     try:
-        return json.loads(data)
-    except UnicodeDecodeError:
-        raise DecodeError("not UTF-8") from None
+        # NaN and Infinity are not JSON: we could not encode them back as JSON.
+        return json.loads(data, parse_float=_finite, parse_constant=_no_constant)
     except RecursionError:
         raise DecodeError("JSON nested too deeply") from None
     except ValueError as e:
@@ -174,21 +191,35 @@ def _sighting(f: _Fields) -> Sighting:
 
 
 def _snapshot_request(f: _Fields) -> SnapshotRequest:
+    seconds = f.get("snapshot", (int,))
+    try:
+        snapshot = timedelta(seconds=seconds)
+    except OverflowError:
+        snapshot = None
+    if snapshot is None or seconds <= 0:
+        raise DecodeError(
+            f"SnapshotRequest.snapshot must be a number of seconds > 0 that fits a "
+            f"duration, not {seconds!r}"
+        )
     return SnapshotRequest(
         snapshot_type=f.enum("snapshot_type", MessageType, (int,)),
         snapshot_id=f.get("snapshot_id", (str,)),
-        snapshot=timedelta(seconds=f.get("snapshot", (int,))),
+        snapshot=snapshot,
     )
 
 
 def _snapshot_envelope(f: _Fields) -> SnapshotEnvelope:
     snapshot_type = f.enum("snapshot_type", MessageType, (int,))
     body_cls = Intel if snapshot_type is MessageType.INTEL else Sighting
-    return SnapshotEnvelope(
-        snapshot_type=snapshot_type,
-        snapshot_id=f.get("snapshot_id", (str,)),
-        body=structure(body_cls, f.get("body", (dict,))),
-    )
+    snapshot_id = f.get("snapshot_id", (str,))
+    body = f.get("body", (dict,))
+    try:
+        body = structure(body_cls, body)
+    except DecodeError as e:
+        raise DecodeError(
+            f"SnapshotEnvelope.body (snapshot_type {snapshot_type.name}): {e}"
+        ) from None
+    return SnapshotEnvelope(snapshot_type=snapshot_type, snapshot_id=snapshot_id, body=body)
 
 
 _STRUCTURERS = {

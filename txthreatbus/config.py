@@ -175,8 +175,11 @@ def parse(text: str) -> Config:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"invalid YAML{where}: {getattr(e, 'problem', e)}") from None
-    return from_mapping(document or {})
+        # Some errors (a ReaderError) have no problem and a multi-line text.
+        problem = " ".join(str(getattr(e, "problem", None) or e).split())
+        raise ConfigError(f"invalid YAML{where}: {problem}") from None
+    # An empty file is all defaults; any other non-mapping is an error.
+    return from_mapping({} if document is None else document)
 
 
 def from_mapping(document: dict) -> Config:

@@ -28,9 +28,11 @@ class IBackbone(Interface):
 class IApp(Interface):
     """An app plugin: it joins outside tools to the bus."""
 
-    def snapshot(request):
+    def snapshot(request, requester):
         """
-        Pass the ``SnapshotRequest`` on to the tools that can serve it.
+        Pass the ``SnapshotRequest`` on to the tools that can serve it, except
+        ``requester``: the bus consumer that asked for the snapshot on this
+        instance, or C{None} if it was asked for on another instance.
 
         Returns a Deferred that fires when the request has been handed on.
         The tools answer later by publishing ``SnapshotEnvelope``s.

@@ -152,9 +152,16 @@ class Sighting:
     )
 
 
-def _positive_timedelta(instance, attribute, value):
-    if not isinstance(value, timedelta) or value <= timedelta(0):
-        raise ValueError(f"{attribute.name} must be a positive duration, not {value!r}")
+def _positive_seconds(instance, attribute, value):
+    # The wire carries whole seconds: anything else would not survive encoding.
+    if (
+        not isinstance(value, timedelta)
+        or value <= timedelta(0)
+        or value % timedelta(seconds=1)
+    ):
+        raise ValueError(
+            f"{attribute.name} must be a positive whole number of seconds, not {value!r}"
+        )
 
 
 @_message
@@ -165,7 +172,7 @@ class SnapshotRequest:
 
     snapshot_type: MessageType = attrs.field(validator=attrs.validators.instance_of(MessageType))
     snapshot_id: str = attrs.field(validator=_str)
-    snapshot: timedelta = attrs.field(validator=_positive_timedelta)
+    snapshot: timedelta = attrs.field(validator=_positive_seconds)
 
 
 _BODY_TYPES = {MessageType.INTEL: Intel, MessageType.SIGHTING: Sighting}

@@ -1,0 +1,503 @@
+"""
+The wire codec: the golden vectors of Threat Bus 2020.11.26 decode and
+encode back to the same JSON; malformed input only ever raises DecodeError.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime, timedelta, timezone
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.trial.unittest import SynchronousTestCase
+
+from txthreatbus import codec, model
+from txthreatbus.model import (
+    Intel,
+    IntelData,
+    IntelType,
+    MessageType,
+    Operation,
+    Sighting,
+    SnapshotEnvelope,
+    SnapshotRequest,
+)
+
+VECTORS_PATH = os.path.join(os.path.dirname(__file__), "vectors", "threatbus-2020.11.26.json")
+with open(VECTORS_PATH, encoding="utf-8") as _f:
+    VECTORS = json.load(_f)
+
+TOPICS = sorted(model.BY_TOPIC)
+
+INTEL = {
+    "ts": "2020-11-26 14:46:52.123456",
+    "id": "intel-1",
+    "data": {"indicator": ["evil.example.com"], "intel_type": 11},
+    "operation": "ADD",
+}
+SIGHTING = {
+    "ts": "2020-11-26 14:46:53",
+    "intel": "intel-1",
+    "context": {"source": "VAST"},
+    "ioc": ["evil.example.com"],
+}
+REQUEST = {"snapshot_type": 1, "snapshot_id": "8f3a2c1e", "snapshot": 86400}
+ENVELOPE = {"snapshot_type": 1, "snapshot_id": "8f3a2c1e", "body": INTEL}
+
+
+def changed(value: dict, path: str, new=None, delete: bool = False) -> dict:
+    """A deep copy of ``value`` with the key at dotted ``path`` set to ``new`` (or deleted)."""
+    copy = json.loads(json.dumps(value))
+    *parents, last = path.split(".")
+    inner = copy
+    for key in parents:
+        inner = inner[key]
+    if delete:
+        del inner[last]
+    else:
+        inner[last] = new
+    return copy
+
+
+def dumps(value) -> bytes:
+    return json.dumps(value).encode("utf-8")
+
+
+class GoldenVectorTests(SynchronousTestCase):
+    """Every golden vector decodes and encodes back to an equal JSON value."""
+
+    def test_there_are_vectors(self):
+        """The vectors cover every message class."""
+        self.assertEqual(
+            {v["decodes_to_type"] for v in VECTORS["vectors"]},
+            {"Intel", "Sighting", "SnapshotRequest", "SnapshotEnvelope"},
+        )
+
+    def test_decode_type(self):
+        """Each vector decodes to its decodes_to_type class."""
+        for vector in VECTORS["vectors"]:
+            message = codec.decode("threatbus/" + vector["kind"], vector["json"].encode())
+            self.assertEqual(type(message).__name__, vector["decodes_to_type"], vector["description"])
+
+    def test_round_trip(self):
+        """Each vector re-encodes to a JSON value equal to the original."""
+        for vector in VECTORS["vectors"]:
+            message = codec.decode("threatbus/" + vector["kind"], vector["json"].encode())
+            self.assertEqual(
+                json.loads(codec.encode(message)), json.loads(vector["json"]), vector["description"]
+            )
+
+    def test_fields(self):
+        """The first Intel vector's fields decode to the model's types."""
+        message = codec.decode("threatbus/intel", VECTORS["vectors"][0]["json"].encode())
+        self.assertEqual(message.ts, datetime(2020, 11, 26, 14, 46, 52, 123456))
+        self.assertEqual(message.data.indicator, ("evil.example.com",))
+        self.assertIs(message.data.intel_type, IntelType.DOMAIN)
+        self.assertIs(message.operation, Operation.ADD)
+
+    def test_aware_ts(self):
+        """A ts with a UTC offset keeps its offset."""
+        vector = next(v for v in VECTORS["vectors"] if "+02:00" in v["json"])
+        message = codec.decode("threatbus/intel", vector["json"].encode())
+        self.assertEqual(message.ts.utcoffset(), timedelta(hours=2))
+
+    def test_extra_data_kept(self):
+        """Extra keys of Intel data survive decoding."""
+        vector = next(v for v in VECTORS["vectors"] if "extra data keys" in v["description"])
+        message = codec.decode("threatbus/intel", vector["json"].encode())
+        self.assertEqual(message.data.extra, {"source": "MISP", "confidence": 0.8})
+
+    def test_snapshot_seconds(self):
+        """A SnapshotRequest's snapshot is seconds on the wire."""
+        message = codec.decode("threatbus/snapshotrequest", dumps(REQUEST))
+        self.assertEqual(message.snapshot, timedelta(days=1))
+        self.assertEqual(json.loads(codec.encode(message))["snapshot"], 86400)
+
+
+class EncodeTests(SynchronousTestCase):
+    """Encoding happens once per message."""
+
+    def test_encoded_once(self):
+        """A second encode of one message returns the identical bytes object."""
+        message = codec.decode("threatbus/intel", dumps(INTEL))
+        first = codec.encode(message)
+        self.assertIsInstance(first, bytes)
+        self.assertIs(codec.encode(message), first)
+
+    def test_memo_not_shared(self):
+        """Equal messages made apart encode to equal bytes; different ones do not share."""
+        a = codec.decode("threatbus/intel", dumps(INTEL))
+        b = codec.decode("threatbus/intel", dumps(changed(INTEL, "id", "intel-2")))
+        self.assertNotEqual(codec.encode(a), codec.encode(b))
+        self.assertEqual(a, codec.decode("threatbus/intel", dumps(INTEL)))
+
+    def test_memo_ignored_by_equality(self):
+        """An encoded message still equals the same message not yet encoded."""
+        a = codec.decode("threatbus/sighting", dumps(SIGHTING))
+        codec.encode(a)
+        self.assertEqual(a, codec.decode("threatbus/sighting", dumps(SIGHTING)))
+
+    def test_not_a_message(self):
+        """Encoding something that is not a message is a TypeError."""
+        self.assertRaises(TypeError, codec.encode, model.Subscription("threatbus"))
+
+
+class DecodeErrorTests(SynchronousTestCase):
+    """Malformed input raises DecodeError, with a message saying what is wrong."""
+
+    def assertDecodeError(self, topic, data, *fragments):
+        if not isinstance(data, bytes):
+            data = dumps(data)
+        e = self.assertRaises(codec.DecodeError, codec.decode, topic, data)
+        for fragment in fragments:
+            self.assertIn(fragment, str(e))
+        return e
+
+    def test_valid_bases(self):
+        """The base messages these tests spoil are themselves valid."""
+        for topic, value in (
+            ("threatbus/intel", INTEL),
+            ("threatbus/sighting", SIGHTING),
+            ("threatbus/snapshotrequest", REQUEST),
+            ("threatbus/snapshotenvelope", ENVELOPE),
+        ):
+            self.assertEqual(json.loads(codec.encode(codec.decode(topic, dumps(value)))), value)
+
+    def test_is_value_error(self):
+        """DecodeError is a ValueError."""
+        self.assertTrue(issubclass(codec.DecodeError, ValueError))
+
+    def test_not_json(self):
+        """Text that is not JSON."""
+        self.assertDecodeError("threatbus/intel", b"not json", "invalid JSON")
+        self.assertDecodeError("threatbus/intel", b"", "invalid JSON")
+        self.assertDecodeError("threatbus/intel", b'{"ts": ', "invalid JSON")
+
+    def test_not_utf8(self):
+        """Bytes that are not UTF-8, including UTF-16 JSON."""
+        self.assertDecodeError("threatbus/intel", b"\xff\xfe\x00", "not UTF-8")
+        self.assertDecodeError("threatbus/intel", b'{"ts": "\xc3"}', "not UTF-8")
+        self.assertDecodeError("threatbus/intel", json.dumps(INTEL).encode("utf-16"), "not UTF-8")
+
+    def test_not_json_numbers(self):
+        """NaN, Infinity and numbers too large for a float are not JSON."""
+        for bad in (b"NaN", b"-Infinity", b"1e400"):
+            data = dumps(changed(INTEL, "data.confidence", 0)).replace(b'"confidence": 0', b'"confidence": ' + bad)
+            self.assertIn(bad, data)
+            self.assertDecodeError("threatbus/intel", data, "invalid JSON")
+
+    def test_deeply_nested(self):
+        """JSON nested too deeply for the parser."""
+        self.assertDecodeError("threatbus/intel", b"[" * 100000, "nested too deeply")
+        nested = dumps(SIGHTING).replace(b'"VAST"', b"[" * 100000 + b"]" * 100000)
+        self.assertDecodeError("threatbus/sighting", nested, "nested too deeply")
+
+    def test_not_an_object(self):
+        """A JSON value that is not an object."""
+        for value in ([INTEL], "x", 1, None, True):
+            self.assertDecodeError("threatbus/intel", value, "Intel must be a JSON object")
+
+    def test_missing_keys(self):
+        """Each required key, missing, is named."""
+        for topic, value, key in (
+            ("threatbus/intel", INTEL, "ts"),
+            ("threatbus/intel", INTEL, "id"),
+            ("threatbus/intel", INTEL, "data"),
+            ("threatbus/intel", INTEL, "operation"),
+            ("threatbus/intel", INTEL, "data.indicator"),
+            ("threatbus/intel", INTEL, "data.intel_type"),
+            ("threatbus/sighting", SIGHTING, "ts"),
+            ("threatbus/sighting", SIGHTING, "intel"),
+            ("threatbus/snapshotrequest", REQUEST, "snapshot_type"),
+            ("threatbus/snapshotrequest", REQUEST, "snapshot_id"),
+            ("threatbus/snapshotrequest", REQUEST, "snapshot"),
+            ("threatbus/snapshotenvelope", ENVELOPE, "snapshot_type"),
+            ("threatbus/snapshotenvelope", ENVELOPE, "snapshot_id"),
+            ("threatbus/snapshotenvelope", ENVELOPE, "body"),
+            ("threatbus/snapshotenvelope", ENVELOPE, "body.id"),
+        ):
+            name = repr(key.rsplit(".", 1)[-1])
+            self.assertDecodeError(topic, changed(value, key, delete=True), "has no " + name)
+
+    def test_optional_sighting_keys(self):
+        """A Sighting without context or ioc is valid: {} and None."""
+        message = codec.decode(
+            "threatbus/sighting",
+            dumps(changed(changed(SIGHTING, "context", delete=True), "ioc", delete=True)),
+        )
+        self.assertEqual((message.context, message.ioc), ({}, None))
+
+    def test_bool_for_int(self):
+        """true is not a number, for any integer field."""
+        self.assertDecodeError(
+            "threatbus/intel", changed(INTEL, "data.intel_type", True), "intel_type must be int, not bool"
+        )
+        for key in ("snapshot", "snapshot_type"):
+            self.assertDecodeError(
+                "threatbus/snapshotrequest", changed(REQUEST, key, True), f"{key} must be int, not bool"
+            )
+
+    def test_string_intel_type(self):
+        """intel_type given as a name or a numeric string."""
+        for bad in ("DOMAIN", "11"):
+            self.assertDecodeError(
+                "threatbus/intel", changed(INTEL, "data.intel_type", bad), "intel_type must be int, not str"
+            )
+
+    def test_intel_type_out_of_range(self):
+        """intel_type 0 and 48 are not in the table."""
+        for bad in (0, 48, -1):
+            self.assertDecodeError(
+                "threatbus/intel", changed(INTEL, "data.intel_type", bad), f"unknown IntelType {bad}"
+            )
+
+    def test_float_intel_type(self):
+        """intel_type 11.0 is not an integer."""
+        self.assertDecodeError(
+            "threatbus/intel", changed(INTEL, "data.intel_type", 11.0), "intel_type must be int, not float"
+        )
+
+    def test_unknown_operation(self):
+        """An operation other than ADD or REMOVE, or in lower case."""
+        for bad in ("EDIT", "add"):
+            self.assertDecodeError(
+                "threatbus/intel", changed(INTEL, "operation", bad), f"unknown Operation {bad!r}"
+            )
+        self.assertDecodeError("threatbus/intel", changed(INTEL, "operation", 1), "operation must be str")
+
+    def test_bad_ts(self):
+        """A ts that is not a timestamp, or not a string."""
+        for bad in ("yesterday", "2020-13-01 00:00:00", "", "\ud800"):
+            self.assertDecodeError("threatbus/intel", changed(INTEL, "ts", bad), "Intel.ts is not a timestamp")
+        self.assertDecodeError("threatbus/sighting", changed(SIGHTING, "ts", 1606402012), "ts must be str")
+
+    def test_iso_ts(self):
+        """An ISO 8601 ts with T and Z is accepted as UTC."""
+        message = codec.decode("threatbus/intel", dumps(changed(INTEL, "ts", "2020-11-26T14:46:52Z")))
+        self.assertEqual(message.ts, datetime(2020, 11, 26, 14, 46, 52, tzinfo=timezone.utc))
+        message = codec.decode(
+            "threatbus/sighting", dumps(changed(SIGHTING, "ts", "2020-11-26T14:46:52.5+01:00"))
+        )
+        self.assertEqual(message.ts, datetime(2020, 11, 26, 13, 46, 52, 500000, tzinfo=timezone.utc))
+
+    def test_indicator_not_list(self):
+        """An indicator that is a string or an object."""
+        for bad in ("evil.example.com", {"a": 1}):
+            self.assertDecodeError(
+                "threatbus/intel", changed(INTEL, "data.indicator", bad), "indicator must be list"
+            )
+
+    def test_indicator_empty(self):
+        """An empty indicator."""
+        self.assertDecodeError("threatbus/intel", changed(INTEL, "data.indicator", []), "indicator must not be empty")
+
+    def test_indicator_not_strings(self):
+        """An indicator with a non-string."""
+        for bad in ([1], ["a", None], [["a"]]):
+            self.assertDecodeError(
+                "threatbus/intel", changed(INTEL, "data.indicator", bad), "indicator must be a list of strings"
+            )
+
+    def test_data_not_object(self):
+        """Intel data that is not an object."""
+        self.assertDecodeError("threatbus/intel", changed(INTEL, "data", ["x"]), "data must be dict")
+
+    def test_bad_sighting_fields(self):
+        """A Sighting's context that is not an object, ioc that is not a list of strings."""
+        self.assertDecodeError("threatbus/sighting", changed(SIGHTING, "context", [1]), "context must be dict")
+        self.assertDecodeError("threatbus/sighting", changed(SIGHTING, "ioc", "x"), "ioc must be list")
+        self.assertDecodeError("threatbus/sighting", changed(SIGHTING, "ioc", [1]), "ioc must be a list of strings")
+        self.assertDecodeError("threatbus/sighting", changed(SIGHTING, "intel", 1), "intel must be str")
+
+    def test_snapshot_not_int(self):
+        """A snapshot given as a string or a float."""
+        self.assertDecodeError(
+            "threatbus/snapshotrequest", changed(REQUEST, "snapshot", "30"), "snapshot must be int, not str"
+        )
+        self.assertDecodeError(
+            "threatbus/snapshotrequest", changed(REQUEST, "snapshot", 1.5), "snapshot must be int, not float"
+        )
+
+    def test_snapshot_not_positive(self):
+        """A snapshot of 0 or fewer seconds."""
+        for bad in (0, -1):
+            self.assertDecodeError(
+                "threatbus/snapshotrequest", changed(REQUEST, "snapshot", bad),
+                "SnapshotRequest.snapshot must be a number of seconds > 0", repr(bad),
+            )
+
+    def test_huge_snapshot(self):
+        """A snapshot too large for a duration."""
+        for bad in (10**20, 10**15, -(10**20)):
+            self.assertDecodeError(
+                "threatbus/snapshotrequest", changed(REQUEST, "snapshot", bad),
+                "SnapshotRequest.snapshot must be a number of seconds > 0", str(bad),
+            )
+
+    def test_unknown_snapshot_type(self):
+        """A snapshot_type other than 1 or 2."""
+        for topic, value in (("threatbus/snapshotrequest", REQUEST), ("threatbus/snapshotenvelope", ENVELOPE)):
+            self.assertDecodeError(topic, changed(value, "snapshot_type", 3), "unknown MessageType 3")
+
+    def test_envelope_wrong_body(self):
+        """An envelope whose body is not what its snapshot_type says, or malformed."""
+        self.assertDecodeError(
+            "threatbus/snapshotenvelope", changed(ENVELOPE, "snapshot_type", 2),
+            "SnapshotEnvelope.body (snapshot_type SIGHTING)", "Sighting has no 'intel'",
+        )
+        self.assertDecodeError(
+            "threatbus/snapshotenvelope", changed(ENVELOPE, "body", SIGHTING),
+            "SnapshotEnvelope.body (snapshot_type INTEL)", "Intel has no",
+        )
+        self.assertDecodeError(
+            "threatbus/snapshotenvelope", changed(ENVELOPE, "body.data.intel_type", 0),
+            "SnapshotEnvelope.body", "unknown IntelType 0",
+        )
+        self.assertDecodeError(
+            "threatbus/snapshotenvelope", changed(ENVELOPE, "body", [INTEL]), "body must be dict, not list"
+        )
+
+    def test_unknown_topic(self):
+        """A topic that carries no message, including a false prefix."""
+        for topic in ("threatbus/intelX", "threatbus", "threatbus/", "", "intel"):
+            self.assertDecodeError(topic, dumps(INTEL), "unknown topic " + repr(topic))
+
+
+# --- property tests
+
+_json_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20)
+)
+json_values = st.recursive(
+    _json_scalars,
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.text(max_size=10), children, max_size=4),
+    max_leaves=20,
+)
+_message_keys = st.sampled_from(
+    ["ts", "id", "data", "operation", "indicator", "intel_type", "intel", "context", "ioc",
+     "snapshot_type", "snapshot_id", "snapshot", "body"]
+)
+# Objects with the real keys, so that decoding gets past the first lookups.
+message_like = st.recursive(
+    st.dictionaries(_message_keys, _json_scalars, max_size=8),
+    lambda children: st.dictionaries(_message_keys, children | json_values, max_size=8),
+    max_leaves=30,
+)
+
+# Offsets in whole seconds: CPython's fromisoformat drops microseconds of an
+# offset, and no real clock has one.
+_offsets = st.timedeltas(
+    min_value=-timedelta(hours=23, minutes=59), max_value=timedelta(hours=23, minutes=59)
+).map(lambda d: timedelta(seconds=d // timedelta(seconds=1)))
+timestamps = st.datetimes(timezones=st.none() | _offsets.map(timezone))
+strings = st.text(max_size=20)
+extra = st.dictionaries(
+    strings.filter(lambda k: k not in ("indicator", "intel_type")), json_values, max_size=4
+)
+intels = st.builds(
+    Intel,
+    ts=timestamps,
+    id=strings,
+    data=st.builds(
+        IntelData,
+        indicator=st.lists(strings, min_size=1, max_size=3),
+        intel_type=st.sampled_from(IntelType),
+        extra=extra,
+    ),
+    operation=st.sampled_from(Operation),
+)
+sightings = st.builds(
+    Sighting,
+    ts=timestamps,
+    intel=strings,
+    context=st.dictionaries(strings, json_values, max_size=4),
+    ioc=st.none() | st.lists(strings, max_size=3),
+)
+requests = st.builds(
+    SnapshotRequest,
+    snapshot_type=st.sampled_from(MessageType),
+    snapshot_id=strings,
+    snapshot=st.integers(min_value=1, max_value=999_999_999 * 86400).map(lambda s: timedelta(seconds=s)),
+)
+envelopes = st.one_of(
+    st.builds(SnapshotEnvelope, st.just(MessageType.INTEL), strings, intels),
+    st.builds(SnapshotEnvelope, st.just(MessageType.SIGHTING), strings, sightings),
+)
+
+messages = st.one_of(intels, sightings, requests, envelopes)
+
+
+def _slots(value):
+    """Every (object, key) pair in a JSON value, outermost first."""
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            yield value, key
+            yield from _slots(inner)
+    elif isinstance(value, list):
+        for inner in value:
+            yield from _slots(inner)
+
+
+class PropertyTests(SynchronousTestCase):
+    """Properties over generated input."""
+
+    def decode_or_error(self, topic, data):
+        try:
+            message = codec.decode(topic, data)
+        except codec.DecodeError as e:
+            self.assertTrue(str(e))
+            return None
+        self.assertIsInstance(message, model.BY_TOPIC[topic])
+        return message
+
+    @settings(max_examples=300, deadline=None)
+    @given(topic=st.sampled_from(TOPICS), data=st.binary(max_size=200))
+    def test_arbitrary_bytes(self, topic, data):
+        """Arbitrary bytes raise only DecodeError, for every topic."""
+        self.decode_or_error(topic, data)
+
+    @settings(max_examples=300, deadline=None)
+    @given(topic=st.sampled_from(TOPICS), value=json_values)
+    def test_arbitrary_json(self, topic, value):
+        """Arbitrary JSON values raise only DecodeError, for every topic."""
+        self.decode_or_error(topic, dumps(value))
+
+    @settings(max_examples=150, deadline=None)
+    @given(topic=st.sampled_from(TOPICS), value=message_like)
+    def test_message_like_json(self, topic, value):
+        """Objects with the messages' keys but any values raise only DecodeError, or decode."""
+        message = self.decode_or_error(topic, dumps(value))
+        if message is not None:
+            self.assertEqual(codec.decode(topic, codec.encode(message)), message)
+
+    @settings(max_examples=300, deadline=None)
+    @given(message=messages, data=st.data())
+    def test_spoiled_messages(self, message, data):
+        """A valid message with one key changed to any JSON value, or deleted, raises only DecodeError."""
+        value = json.loads(codec.encode(message))
+        slots = list(_slots(value))
+        container, key = data.draw(st.sampled_from(slots))
+        if data.draw(st.booleans()):
+            del container[key]
+        else:
+            container[key] = data.draw(json_values)
+        decoded = self.decode_or_error(message.topic, dumps(value))
+        if decoded is not None:
+            # What decodes is valid: it survives encoding (defaults filled in).
+            self.assertEqual(codec.decode(message.topic, codec.encode(decoded)), decoded)
+
+    @settings(max_examples=200, deadline=None)
+    @given(message=messages)
+    def test_round_trip(self, message):
+        """A valid message decodes from its own encoding to an equal message."""
+        decoded = codec.decode(message.topic, codec.encode(message))
+        self.assertEqual(decoded, message)
+        self.assertIsNot(decoded, message)
+        self.assertEqual(json.loads(codec.encode(decoded)), json.loads(codec.encode(message)))

@@ -1,0 +1,282 @@
+"""
+``twistd zmq-app``: the plugin is found, its options validate the config, it
+wires the expected service tree, and a real twistd process starts, serves
+and shuts down cleanly.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+
+import zmq
+from twisted.application.service import IService, IServiceMaker, MultiService
+from twisted.internet import protocol, reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.plugin import IPlugin, getPlugins
+from twisted.python import usage
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface.verify import verifyObject
+
+from tests.support import Context, request, wait_for
+from txthreatbus import tap
+from txthreatbus.apps.zmq_app import ZmqAppService
+from txthreatbus.backbones.inmem import InMemoryBackbone
+from txthreatbus.bus import Bus
+from txthreatbus.config import Config, MetricsConfig, ZmqAppConfig
+from txthreatbus.interfaces import IApp, IBackbone
+from txthreatbus.logs import LoggingService
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+#: twistd, run by this interpreter (``python -m twisted`` is ``twist``, not twistd).
+TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
+
+#: Seconds a twistd process may take to start or to stop.
+PROCESS_DEADLINE = 60.0
+
+
+def zmq_app_plugin():
+    return [p for p in getPlugins(IServiceMaker) if p.tapname == "zmq-app"]
+
+
+def write_config(testcase, text: str) -> str:
+    path = os.path.abspath(testcase.mktemp())
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+    return path
+
+
+def free_ports(n: int) -> list:
+    """``n`` distinct TCP ports that were free a moment ago (bound, then closed)."""
+    sockets = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+class PluginTests(SynchronousTestCase):
+    """twistd finds the zmq-app plugin."""
+
+    def test_discoverable(self):
+        """getPlugins(IServiceMaker) yields exactly one plugin with tapname zmq-app."""
+        [maker] = zmq_app_plugin()
+        self.assertTrue(verifyObject(IServiceMaker, maker))
+        self.assertTrue(IPlugin.providedBy(maker))
+
+    def test_points_at_tap(self):
+        """The plugin's options and makeService are txthreatbus.tap's."""
+        [maker] = zmq_app_plugin()
+        self.assertIs(maker.options, tap.Options)
+        self.assertIs(maker.makeService, tap.makeService)
+        self.assertTrue(maker.description)
+
+
+class OptionsTests(SynchronousTestCase):
+    """The command line: --config FILE, or nothing."""
+
+    def test_no_args(self):
+        """Without arguments the config is all defaults."""
+        options = tap.Options()
+        options.parseOptions([])
+        self.assertEqual(options["config"], Config())
+
+    def test_config_file(self):
+        """--config FILE (and -c FILE) loads that file."""
+        path = write_config(self, "plugins: {apps: {zmq-app: {manage: 14000}}}\n")
+        for args in (["--config", path], ["-c", path], [f"--config={path}"]):
+            options = tap.Options()
+            options.parseOptions(args)
+            self.assertEqual(options["config"].zmq_app.manage, 14000)
+
+    def test_bad_config(self):
+        """A bad config is a UsageError naming the key."""
+        path = write_config(self, "plugins: {apps: {zmq-app: {pub: 70000}}}\n")
+        e = self.assertRaises(usage.UsageError, tap.Options().parseOptions, ["--config", path])
+        self.assertIn("plugins.apps.zmq-app.pub", str(e))
+        self.assertIn(path, str(e))
+
+    def test_missing_config(self):
+        """A config file that does not exist is a UsageError naming it."""
+        path = os.path.abspath(self.mktemp())
+        e = self.assertRaises(usage.UsageError, tap.Options().parseOptions, ["--config", path])
+        self.assertIn(path, str(e))
+
+    def test_unknown_option(self):
+        """An unknown option is a UsageError."""
+        self.assertRaises(usage.UsageError, tap.Options().parseOptions, ["--port", "1"])
+
+
+class ServiceTreeTests(SynchronousTestCase):
+    """makeService and bus_service wire the bus as one tree (nothing starts)."""
+
+    def names(self, parent):
+        return [s.name for s in parent]
+
+    def assertTree(self, top, metrics: bool):
+        self.assertIsInstance(top, MultiService)
+        self.assertTrue(verifyObject(IService, top))
+        expected = ["logging", "backbone", "bus", "zmq-app"] + (["metrics"] if metrics else [])
+        self.assertEqual(self.names(top), expected)
+        self.assertIsInstance(top.getServiceNamed("logging"), LoggingService)
+        backbone = top.getServiceNamed("backbone")
+        self.assertIsInstance(backbone, InMemoryBackbone)
+        self.assertTrue(verifyObject(IBackbone, backbone))
+        bus = top.getServiceNamed("bus")
+        self.assertIsInstance(bus, Bus)
+        self.assertIs(bus.backbone, backbone)
+        app = top.getServiceNamed("zmq-app")
+        self.assertIsInstance(app, ZmqAppService)
+        self.assertIsInstance(app, MultiService)
+        self.assertTrue(verifyObject(IApp, app))
+        self.assertEqual(sorted(self.names(app)), ["manage", "pub", "sub"])
+        self.assertFalse(top.running)
+        return bus
+
+    def test_make_service_defaults(self):
+        """makeService with no options builds logging, backbone, bus and zmq-app, no metrics."""
+        options = tap.Options()
+        options.parseOptions([])
+        self.assertTree(tap.makeService(options), metrics=False)
+
+    def test_make_service_config(self):
+        """makeService applies the config file: snapshot_timeout reaches the bus."""
+        path = write_config(self, "plugins: {apps: {zmq-app: {snapshot_timeout: 42}}}\n")
+        options = tap.Options()
+        options.parseOptions(["--config", path])
+        bus = self.assertTree(tap.makeService(options), metrics=False)
+        self.assertEqual(bus.snapshot_timeout, 42)
+
+    def test_metrics_when_configured(self):
+        """A metrics section adds a metrics service last."""
+        config = Config(metrics=MetricsConfig(port=0))
+        top = tap.bus_service(config, reactor)
+        self.assertTree(top, metrics=True)
+
+    def test_zmq_app_config(self):
+        """The zmq-app service gets the zmq-app section."""
+        config = Config(zmq_app=ZmqAppConfig(manage=0, pub=0, sub=0, host="127.0.0.1"))
+        top = tap.bus_service(config, reactor)
+        self.assertIs(top.getServiceNamed("zmq-app").config, config.zmq_app)
+
+
+class ProcessOutput(protocol.ProcessProtocol):
+    """Collects a process's stdout and stderr, and fires ``ended`` with how it ended."""
+
+    def __init__(self):
+        self.output = []
+        self.ended = Deferred()
+        self.done = False
+
+    def outReceived(self, data):
+        self.output.append(data)
+
+    errReceived = outReceived
+
+    def processEnded(self, reason):
+        self.done = True
+        self.ended.callback(reason.value)
+
+    def text(self) -> str:
+        return b"".join(self.output).decode("utf-8", "replace")
+
+
+class TwistdTests(TestCase):
+    """A real ``twistd -n zmq-app`` in a subprocess."""
+
+    def spawn(self, *args) -> ProcessOutput:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p
+        )
+        workdir = os.path.abspath(self.mktemp())
+        os.makedirs(workdir)
+        process = ProcessOutput()
+        argv = [sys.executable, "-c", TWISTD, "-n", "--pidfile", os.path.join(workdir, "twistd.pid")]
+        reactor.spawnProcess(process, sys.executable, argv + list(args), env=env, path=workdir)
+        self.addCleanup(self.kill, process)
+        return process
+
+    async def kill(self, process):
+        if not process.done:
+            process.transport.signalProcess("KILL")
+            await process.ended
+
+    async def ended(self, process):
+        process.ended.addTimeout(PROCESS_DEADLINE, reactor)
+        return await process.ended
+
+    async def test_run_and_stop(self):
+        """twistd serves a subscribe on the configured port and exits cleanly on SIGTERM."""
+        manage, pub, sub = free_ports(3)
+        path = write_config(
+            self,
+            f"""\
+logging: {{console: true, console_verbosity: INFO}}
+plugins:
+  backbones:
+    inmem: {{}}
+  apps:
+    zmq-app: {{host: 127.0.0.1, manage: {manage}, pub: {pub}, sub: {sub}}}
+""",
+        )
+        process = self.spawn("zmq-app", "--config", path)
+        await wait_for(
+            lambda: f"manage endpoint bound on port {manage}" in process.text() or process.done,
+            PROCESS_DEADLINE,
+            "twistd to bind its manage port",
+        )
+        self.assertFalse(process.done, process.text())
+
+        ctx = Context(self)
+        req = ctx.socket(zmq.REQ, f"tcp://127.0.0.1:{manage}")
+        reply = await request(req, {"action": "subscribe", "topic": "threatbus", "snapshot": 0})
+        self.assertEqual(reply["status"], "success")
+        self.assertEqual(reply["pub_endpoint"], f"127.0.0.1:{pub}")
+        self.assertEqual(reply["sub_endpoint"], f"127.0.0.1:{sub}")
+
+        process.transport.signalProcess("TERM")
+        reason = await self.ended(process)
+        output = process.text()
+        # twistd shuts down, then (since Twisted 20.3) ends itself with the
+        # signal it got, so that its parent sees why it stopped.
+        if isinstance(reason, ProcessTerminated) and reason.signal is not None:
+            self.assertEqual(reason.signal, signal.SIGTERM, output)
+        else:
+            self.assertIsInstance(reason, ProcessDone, output)
+            self.assertEqual(reason.exitCode, 0, output)
+        self.assertIn("Server Shut Down.", output)
+        self.assertNotIn("Traceback", output)
+        self.assertNotIn("Unhandled", output)
+
+    async def test_bad_config(self):
+        """twistd with a bad config exits non-zero, naming the key, without a traceback."""
+        path = write_config(self, "plugins:\n  apps:\n    zeek:\n      port: 47761\n")
+        process = self.spawn("zmq-app", "--config", path)
+        reason = await self.ended(process)
+        output = process.text()
+        self.assertIsInstance(reason, ProcessTerminated, output)
+        self.assertIsNone(reason.signal, output)
+        self.assertNotEqual(reason.exitCode, 0, output)
+        self.assertIn("plugins.apps.zeek: unknown app plugin", output)
+        self.assertNotIn("Traceback", output)
+
+    async def test_bad_port(self):
+        """twistd with an out-of-range port exits non-zero, naming the key."""
+        path = write_config(self, "plugins: {apps: {zmq-app: {manage: 70000}}}\n")
+        process = self.spawn("zmq-app", "--config", path)
+        reason = await self.ended(process)
+        output = process.text()
+        self.assertIsInstance(reason, ProcessTerminated, output)
+        self.assertNotEqual(reason.exitCode, 0, output)
+        self.assertIn("plugins.apps.zmq-app.manage", output)
+        self.assertNotIn("Traceback", output)
