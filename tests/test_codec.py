@@ -139,6 +139,24 @@ class EncodeTests(SynchronousTestCase):
         codec.encode(a)
         self.assertEqual(a, codec.decode("threatbus/sighting", dumps(SIGHTING)))
 
+    def test_canonical_input_forwarded(self):
+        """Input that already is the message's encoding is reused as it came."""
+        data = dumps(INTEL)
+        self.assertIs(codec.encode(codec.decode("threatbus/intel", data)), data)
+
+    def test_other_input_encoded(self):
+        """Input that decodes to a message but differs from its encoding is encoded anew."""
+        for data in (
+            dumps(changed(INTEL, "ts", "2020-11-26T14:46:52.123456")),
+            dumps({**INTEL, "unknown": 1}),
+            dumps(changed(SIGHTING, "context", None)),
+        ):
+            topic = "threatbus/sighting" if b'"intel":' in data else "threatbus/intel"
+            message = codec.decode(topic, data)
+            encoded = codec.encode(message)
+            self.assertEqual(json.loads(encoded), codec.unstructure(message))
+            self.assertNotEqual(json.loads(encoded), json.loads(data))
+
     def test_not_a_message(self):
         """Encoding something that is not a message is a TypeError."""
         self.assertRaises(TypeError, codec.encode, model.Subscription("threatbus"))

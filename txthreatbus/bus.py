@@ -54,6 +54,9 @@ def snapshot_types(topic: str) -> Tuple[MessageType, ...]:
     return tuple(t for bus_topic, t in MESSAGE_TYPES.items() if matches(topic, bus_topic))
 
 
+_CHAINS = {cls: topic_chain(cls.topic) for cls in (Intel, Sighting)}
+
+
 @attrs.define(eq=False)
 class _PendingSnapshot:
     requester: Consumer
@@ -121,7 +124,7 @@ class Bus(Service):
             self.metrics.drop("unroutable")
 
     def _route(self, message) -> None:
-        for topic in topic_chain(message.topic):
+        for topic in _CHAINS[type(message)]:
             consumers = self._consumers.get(topic)
             if consumers:
                 for consumer in list(consumers):

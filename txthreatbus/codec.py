@@ -85,7 +85,13 @@ def decode(topic: str, data: bytes) -> Message:
     cls = BY_TOPIC.get(topic)
     if cls is None:
         raise DecodeError(f"unknown topic {topic!r}")
-    return structure(cls, loads(data))
+    value = loads(data)
+    message = structure(cls, value)
+    if unstructure(message) == value:
+        # ``data`` already is this message's encoding (as JSON values go):
+        # forwarding it as it came saves encoding it again.
+        vars(message)[_MEMO] = bytes(data)
+    return message
 
 
 def _finite(text: str) -> float:
@@ -99,6 +105,10 @@ def _no_constant(name: str):
     raise ValueError(f"{name} is not JSON")
 
 
+# NaN and Infinity are not JSON: we could not encode them back as JSON.
+_DECODER = json.JSONDecoder(parse_float=_finite, parse_constant=_no_constant)
+
+
 def loads(data: bytes) -> object:
     """Parse JSON bytes; any failure is a ``DecodeError``."""
     if not isinstance(data, str):
@@ -108,8 +118,7 @@ def loads(data: bytes) -> object:
         except UnicodeDecodeError:
             raise DecodeError("not UTF-8") from None
     try:
-        # NaN and Infinity are not JSON: we could not encode them back as JSON.
-        return json.loads(data, parse_float=_finite, parse_constant=_no_constant)
+        return _DECODER.decode(data)
     except RecursionError:
         raise DecodeError("JSON nested too deeply") from None
     except ValueError as e:
@@ -160,9 +169,12 @@ class _Fields:
     def enum(self, key: str, enum_cls: type, types: tuple):
         raw = self.get(key, types)
         try:
-            return enum_cls(raw)
-        except ValueError:
+            return _MEMBERS[enum_cls][raw]
+        except KeyError:
             raise DecodeError(f"{self.what}.{key}: unknown {enum_cls.__name__} {raw!r}") from None
+
+
+_MEMBERS = {cls: {m.value: m for m in cls} for cls in (IntelType, MessageType, Operation)}
 
 
 def _intel(f: _Fields) -> Intel:

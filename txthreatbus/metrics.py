@@ -8,7 +8,8 @@ process, as in the tests, count apart.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.twisted import MetricsResource
 from twisted.application import strports
 from twisted.web.resource import Resource
@@ -17,62 +18,110 @@ from twisted.web.server import Site
 _TYPES = ("intel", "sighting", "snapshotrequest", "snapshotenvelope")
 
 
-class Metrics:
-    """The counters and gauges of one bus."""
+class _Value:
+    """One time series: a plain number, cheap to change on the hot path."""
+
+    __slots__ = ("value",)
 
     def __init__(self):
-        self.registry = registry = CollectorRegistry()
-        received = Counter(
-            "txthreatbus_messages_received",
-            "Messages received from apps, by type",
-            ["type"],
-            registry=registry,
+        self.value = 0
+
+    def inc(self, amount: float = 1) -> None:
+        self.value += amount
+
+    def dec(self, amount: float = 1) -> None:
+        self.value -= amount
+
+
+class _Family:
+    """A counter or gauge, by label values; read by ``Metrics.collect``."""
+
+    def __init__(self, kind, name: str, documentation: str, labelnames=()):
+        self.kind = kind
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = list(labelnames)
+        self.children = {}
+        if not labelnames:
+            self.labels()  # an unlabelled series exists, at 0, from the start
+
+    def labels(self, *values) -> _Value:
+        key = tuple(str(v) for v in values)
+        child = self.children.get(key)
+        if child is None:
+            child = self.children[key] = _Value()
+        return child
+
+    def inc(self, amount: float = 1) -> None:
+        self.children[()].value += amount
+
+    def dec(self, amount: float = 1) -> None:
+        self.children[()].value -= amount
+
+    def collect(self):
+        family = self.kind(self.name, self.documentation, labels=self.labelnames)
+        for key, child in self.children.items():
+            family.add_metric(list(key), child.value)
+        return family
+
+
+class Metrics:
+    """
+    The counters and gauges of one bus.
+
+    They are plain numbers, collected into Prometheus metric families only
+    when scraped (a custom collector): counting stays cheap for every message.
+    """
+
+    def __init__(self):
+        self._families = []
+        counter = lambda *a: self._family(CounterMetricFamily, *a)  # noqa: E731
+        gauge = lambda *a: self._family(GaugeMetricFamily, *a)  # noqa: E731
+        received = counter(
+            "txthreatbus_messages_received", "Messages received from apps, by type", ["type"]
         )
-        published = Counter(
+        published = counter(
             "txthreatbus_messages_published",
             "Messages sent to apps, by type (one per receiving app)",
             ["type"],
-            registry=registry,
         )
         # Children are bound once: the hot path only increments.
         self.received = {t: received.labels(t) for t in _TYPES}
         self.published = {t: published.labels(t) for t in _TYPES}
-        self._dropped = Counter(
-            "txthreatbus_dropped",
-            "Messages or requests dropped, by reason",
-            ["reason"],
-            registry=registry,
+        self._dropped = counter(
+            "txthreatbus_dropped", "Messages or requests dropped, by reason", ["reason"]
         )
-        self.subscriptions = Gauge(
-            "txthreatbus_subscriptions", "Active app subscriptions", registry=registry
+        self.subscriptions = gauge("txthreatbus_subscriptions", "Active app subscriptions")
+        self.snapshots_pending = gauge(
+            "txthreatbus_snapshots_pending", "Snapshots waiting for answers"
         )
-        self.snapshots_pending = Gauge(
-            "txthreatbus_snapshots_pending", "Snapshots waiting for answers", registry=registry
-        )
-        self.envelopes_routed = Counter(
+        self.envelopes_routed = counter(
             "txthreatbus_snapshot_envelopes_routed",
             "Snapshot envelopes routed to the app that asked",
-            registry=registry,
         )
         backbone = ["backbone"]
-        self.backbone_published = Counter(
-            "txthreatbus_backbone_published",
-            "Messages handed to the backbone",
-            backbone,
-            registry=registry,
+        self.backbone_published = counter(
+            "txthreatbus_backbone_published", "Messages handed to the backbone", backbone
         )
-        self.backbone_consumed = Counter(
-            "txthreatbus_backbone_consumed",
-            "Messages taken from the backbone",
-            backbone,
-            registry=registry,
+        self.backbone_consumed = counter(
+            "txthreatbus_backbone_consumed", "Messages taken from the backbone", backbone
         )
-        self.backbone_reconnects = Counter(
+        self.backbone_reconnects = counter(
             "txthreatbus_backbone_reconnects",
             "Times the backbone connected again after losing its connection",
             backbone,
-            registry=registry,
         )
+        self.registry = CollectorRegistry()
+        self.registry.register(self)
+
+    def _family(self, kind, name, documentation, labelnames=()):
+        family = _Family(kind, name, documentation, labelnames)
+        self._families.append(family)
+        return family
+
+    def collect(self):
+        """The Prometheus collector interface: every family, as it stands."""
+        return [family.collect() for family in self._families]
 
     def drop(self, reason: str, count: int = 1) -> None:
         """Count ``count`` things dropped for ``reason``."""
