@@ -136,6 +136,9 @@ def structure(cls: type, value: object) -> Message:
         raise DecodeError(f"{cls.__name__}: {e}") from None
 
 
+_MISSING = object()
+
+
 class _Fields:
     """Typed access to the keys of a JSON object, failing with DecodeError."""
 
@@ -146,18 +149,16 @@ class _Fields:
         self.what = what
 
     def get(self, key: str, types: tuple, optional: bool = False):
-        try:
-            v = self.value[key]
-        except KeyError:
-            if optional:
-                return None
-            raise DecodeError(f"{self.what} has no {key!r}") from None
-        if v is None and optional:
+        # JSON values come in exact types (a bool is no int here)
+        v = self.value.get(key, _MISSING)
+        if type(v) in types:
+            return v
+        if optional and (v is None or v is _MISSING):
             return None
-        if not isinstance(v, types) or isinstance(v, bool) and bool not in types:
-            names = " or ".join(t.__name__ for t in types)
-            raise DecodeError(f"{self.what}.{key} must be {names}, not {type(v).__name__}")
-        return v
+        if v is _MISSING:
+            raise DecodeError(f"{self.what} has no {key!r}")
+        names = " or ".join(t.__name__ for t in types)
+        raise DecodeError(f"{self.what}.{key} must be {names}, not {type(v).__name__}")
 
     def ts(self) -> datetime:
         raw = self.get("ts", (str,))
