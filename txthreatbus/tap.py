@@ -14,6 +14,7 @@ from twisted.python import usage
 from txthreatbus import config as configuration
 from txthreatbus.apps.zmq_app import ZmqAppService
 from txthreatbus.backbones.inmem import InMemoryBackbone
+from txthreatbus.backbones.rabbitmq import RabbitMQBackbone
 from txthreatbus.bus import Bus
 from txthreatbus.logs import LoggingService
 from txthreatbus.metrics import Metrics, metrics_service
@@ -39,8 +40,6 @@ class Options(usage.Options):
 
 def _backbone(config, metrics, reactor):
     if isinstance(config, configuration.RabbitMQConfig):
-        from txthreatbus.backbones.rabbitmq import RabbitMQBackbone
-
         return RabbitMQBackbone(config, metrics, reactor)
     return InMemoryBackbone()
 
