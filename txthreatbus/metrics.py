@@ -11,7 +11,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.twisted import MetricsResource
-from twisted.application import strports
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet.endpoints import serverFromString
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
@@ -132,9 +133,36 @@ class Metrics:
         return self.registry.get_sample_value("txthreatbus_dropped_total", {"reason": reason}) or 0
 
 
+class MetricsService(StreamServerEndpointService):
+    """
+    The metrics web service; ``port`` is the TCP port it listens on while it
+    runs (what ``port: 0`` in the config got), else None.
+    """
+
+    port = None
+
+    def privilegedStartService(self):
+        super().privilegedStartService()
+        self._waitingForPort.addCallback(self._listening)
+
+    def _listening(self, listening):
+        if listening is not None:
+            self.port = listening.getHost().port
+        return listening
+
+    def stopService(self):
+        self.port = None
+        return super().stopService()
+
+
 def metrics_service(metrics: Metrics, host: str, port: int, reactor=None):
     """A service serving ``metrics`` in Prometheus text format on ``/metrics``."""
     root = Resource()
     root.putChild(b"metrics", MetricsResource(registry=metrics.registry))
     description = f"tcp:{port}:interface={host.replace(':', chr(92) + ':')}"
-    return strports.service(description, Site(root), reactor=reactor)
+    if reactor is None:
+        from twisted.internet import reactor
+    service = MetricsService(serverFromString(reactor, description), Site(root))
+    # as strports.service does: a port in use aborts start-up
+    service._raiseSynchronously = True
+    return service
