@@ -134,8 +134,8 @@ def main():
         rows.append((name, figure, ours_v, limit_v, ratio, target, better, loss, met))
 
     print()
-    print(f"| workload | figure | txthreatbus | limit_server | ratio | target | loss | met |")
-    print(f"|---|---|---:|---:|---:|---:|---:|---|")
+    print("| workload | figure | txthreatbus | limit_server | ratio | target | loss | met |")
+    print("|---|---|---:|---:|---:|---:|---:|---|")
     for name, figure, o, l, ratio, target, better, loss, met in rows:
         sign = ">=" if better == "higher" else "<="
         print(

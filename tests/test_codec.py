@@ -6,13 +6,13 @@ encode back to the same JSON; malformed input only ever raises DecodeError.
 from __future__ import annotations
 
 import json
-import os
 from datetime import datetime, timedelta, timezone
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
+from tests.vectors import VECTORS
 from txthreatbus import codec, model
 from txthreatbus.model import (
     Intel,
@@ -25,9 +25,6 @@ from txthreatbus.model import (
     SnapshotRequest,
 )
 
-VECTORS_PATH = os.path.join(os.path.dirname(__file__), "vectors", "threatbus-2020.11.26.json")
-with open(VECTORS_PATH, encoding="utf-8") as _f:
-    VECTORS = json.load(_f)
 
 TOPICS = sorted(model.BY_TOPIC)
 

@@ -6,7 +6,6 @@ on every socket, thousands of subscribers, restarts, CurveZMQ.
 from __future__ import annotations
 
 import json
-import os
 import socket
 
 import zmq

@@ -5,13 +5,12 @@ and its validators refuse malformed messages with a message that says why.
 
 from __future__ import annotations
 
-import json
-import os
 from datetime import datetime, timedelta, timezone
 
 import attrs
 from twisted.trial.unittest import SynchronousTestCase
 
+from tests.vectors import VECTORS
 from txthreatbus.model import (
     BY_TOPIC,
     MESSAGE_TYPES,
@@ -27,9 +26,6 @@ from txthreatbus.model import (
     Unsubscription,
 )
 
-VECTORS_PATH = os.path.join(os.path.dirname(__file__), "vectors", "threatbus-2020.11.26.json")
-with open(VECTORS_PATH, encoding="utf-8") as _f:
-    VECTORS = json.load(_f)
 
 TS = datetime(2020, 11, 26, 14, 46, 52, 123456)
 

@@ -6,10 +6,8 @@ against a whole bus on ephemeral ports.
 from __future__ import annotations
 
 import json
-import re
 
 import zmq
-from twisted.internet import defer
 from twisted.trial.unittest import TestCase
 from txzmq import ZmqEndpoint, ZmqEndpointType, ZmqFactory, ZmqREQConnection
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import timedelta
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import attrs
 from twisted.application.service import Service
