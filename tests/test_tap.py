@@ -280,3 +280,17 @@ plugins:
         self.assertNotEqual(reason.exitCode, 0, output)
         self.assertIn("plugins.apps.zmq-app.manage", output)
         self.assertNotIn("Traceback", output)
+
+    async def test_port_taken(self):
+        """With the manage port in use, twistd exits 1 naming the endpoint."""
+        ctx = Context(self)
+        squatter = ctx.socket(zmq.REP)
+        port = squatter.bind_to_random_port("tcp://127.0.0.1")
+        path = write_config(self, f"plugins: {{apps: {{zmq-app: {{manage: {port}, pub: 0, sub: 0}}}}}}\n")
+        process = self.spawn("zmq-app", "--config", path)
+        reason = await self.ended(process)
+        output = process.text()
+        self.assertIsInstance(reason, ProcessTerminated, output)
+        self.assertEqual(reason.exitCode, 1, output)
+        self.assertIn(f"cannot bind its manage endpoint tcp://127.0.0.1:{port}", output)
+        self.assertNotIn("Traceback", output)

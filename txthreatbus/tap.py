@@ -8,11 +8,15 @@ application; ``makeService`` is what twistd calls.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 from twisted.application.service import MultiService
 from twisted.python import usage
 
 from txthreatbus import config as configuration
 from txthreatbus.apps.zmq_app import ZmqAppService
+from txthreatbus.apps.zmq_app.curve import CurveKeyError
+from txthreatbus.apps.zmq_app.sockets import BindError
 from txthreatbus.backbones.inmem import InMemoryBackbone
 from txthreatbus.backbones.rabbitmq import RabbitMQBackbone
 from txthreatbus.bus import Bus
@@ -44,11 +48,39 @@ def _backbone(config, metrics, reactor):
     return InMemoryBackbone()
 
 
-def bus_service(config: configuration.Config, reactor=None) -> MultiService:
-    """The bus that ``config`` describes, as one service tree."""
+class TwistdBus(MultiService):
+    """
+    The bus as twistd runs it: a failure to start (a port in use, a key or
+    log file that cannot be read) ends twistd with one clear line and exit
+    status 1, not a traceback. twistd starts services synchronously.
+    """
+
+    def privilegedStartService(self):
+        with _exit_on_startup_error():
+            super().privilegedStartService()
+
+    def startService(self):
+        with _exit_on_startup_error():
+            super().startService()
+
+
+@contextmanager
+def _exit_on_startup_error():
+    try:
+        yield
+    except (BindError, CurveKeyError, OSError) as e:
+        raise SystemExit(f"txthreatbus cannot start: {e}") from None
+
+
+def bus_service(config: configuration.Config, reactor=None, top=None) -> MultiService:
+    """
+    The bus that ``config`` describes, as one service tree: built into
+    ``top``, a new ``MultiService`` by default.
+    """
     if reactor is None:
         from twisted.internet import reactor
-    top = MultiService()
+    if top is None:
+        top = MultiService()
     top.setName("txthreatbus")
     LoggingService(config.logging).setServiceParent(top)
     metrics = Metrics()
@@ -66,4 +98,4 @@ def bus_service(config: configuration.Config, reactor=None) -> MultiService:
 
 
 def makeService(options: Options) -> MultiService:
-    return bus_service(options["config"])
+    return bus_service(options["config"], top=TwistdBus())
