@@ -507,6 +507,35 @@ class PropertyTests(SynchronousTestCase):
         if decoded is not None:
             # What decodes is valid: it survives encoding (defaults filled in).
             self.assertEqual(codec.decode(message.topic, codec.encode(decoded)), decoded)
+            self.assertEqual(json.loads(codec.encode(decoded)), codec.unstructure(decoded))
+
+    @settings(max_examples=300, deadline=None)
+    @given(
+        message=st.one_of(intels, sightings),
+        ts_form=st.sampled_from(["str", "T", "Z", "micro"]),
+        unknown_key=st.booleans(),
+        null_context=st.booleans(),
+    )
+    def test_kept_input_is_the_encoding(self, message, ts_form, unknown_key, null_context):
+        """Input kept as a message's encoding is exactly its encoding, whatever form it came in."""
+        value = codec.unstructure(message)
+        ts = message.ts
+        value["ts"] = {
+            "str": str(ts),
+            "T": ts.isoformat(),
+            "Z": ts.replace(tzinfo=None).isoformat() + "Z",
+            "micro": ts.isoformat(" ", timespec="microseconds"),
+        }[ts_form]
+        if unknown_key:
+            value["unknown"] = 1
+        if null_context and "context" in value:
+            value["context"] = None
+        data = dumps(value)
+        decoded = codec.decode(message.topic, data)
+        self.assertEqual(
+            codec.encode(decoded) is data or None, codec.unstructure(decoded) == value or None
+        )
+        self.assertEqual(json.loads(codec.encode(decoded)), codec.unstructure(decoded))
 
     @settings(max_examples=200, deadline=None)
     @given(message=messages)

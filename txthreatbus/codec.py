@@ -87,11 +87,33 @@ def decode(topic: str, data: bytes) -> Message:
         raise DecodeError(f"unknown topic {topic!r}")
     value = loads(data)
     message = structure(cls, value)
-    if unstructure(message) == value:
+    if is_encoding(message, value):
         # ``data`` already is this message's encoding (as JSON values go):
         # forwarding it as it came saves encoding it again.
         vars(message)[_MEMO] = bytes(data)
     return message
+
+
+def is_encoding(message: Message, value: dict) -> bool:
+    """
+    Whether the JSON ``value`` that ``message`` was structured from equals
+    ``unstructure(message)``, found cheaply: ``structure`` carries every
+    value over unchanged except the timestamp (parsed), a missing or null
+    ``context`` (made ``{}``) and keys it does not know (left out).
+    """
+    if isinstance(message, Intel):
+        return value.keys() == _INTEL_KEYS and value["ts"] == str(message.ts)
+    if isinstance(message, Sighting):
+        return (
+            value.keys() == _SIGHTING_KEYS
+            and value["context"] is not None
+            and value["ts"] == str(message.ts)
+        )
+    return unstructure(message) == value
+
+
+_INTEL_KEYS = frozenset(("ts", "id", "data", "operation"))
+_SIGHTING_KEYS = frozenset(("ts", "intel", "context", "ioc"))
 
 
 def _finite(text: str) -> float:
