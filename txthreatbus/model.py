@@ -117,13 +117,14 @@ class IntelData:
 
     indicator: Tuple[str, ...] = attrs.field(converter=_tuple, validator=_non_empty_strings)
     intel_type: IntelType = attrs.field(validator=attrs.validators.instance_of(IntelType))
-    extra: dict = attrs.field(factory=dict, validator=_dict)
+    extra: dict = attrs.field(factory=dict)
 
     @extra.validator
-    def _no_reserved_keys(self, attribute, value):
-        reserved = {"indicator", "intel_type"} & value.keys()
-        if reserved:
-            raise ValueError(f"extra data must not repeat {sorted(reserved)}")
+    def _extra(self, attribute, value):
+        _dict(self, attribute, value)
+        if "indicator" in value or "intel_type" in value:
+            reserved = sorted({"indicator", "intel_type"} & value.keys())
+            raise ValueError(f"extra data must not repeat {reserved}")
 
 
 @_message
