@@ -294,3 +294,18 @@ plugins:
         self.assertEqual(reason.exitCode, 1, output)
         self.assertIn(f"cannot bind its manage endpoint tcp://127.0.0.1:{port}", output)
         self.assertNotIn("Traceback", output)
+
+
+class TwistdBusTests(TestCase):
+    """What makeService's top service adds for twistd."""
+
+    async def test_start_freezes_startup_objects(self):
+        """Once started, what start-up made is out of the garbage collector's full passes."""
+        import gc
+
+        gc.unfreeze()
+        self.addCleanup(gc.unfreeze)
+        top = tap.bus_service(Config(zmq_app=ZmqAppConfig(manage=0, pub=0, sub=0)), top=tap.TwistdBus())
+        top.startService()
+        self.addCleanup(top.stopService)
+        self.assertGreater(gc.get_freeze_count(), 0)
