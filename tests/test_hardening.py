@@ -112,10 +112,15 @@ class BadInputTests(TestCase):
         self.assertEqual(await request(self.manage(), b""), {"status": "error"})
         await assert_healthy(self, self.top, self.ctx)
 
+    def disconnects(self, endpoint):
+        return self.metrics.registry.get_sample_value(
+            "txthreatbus_disconnects_total", {"endpoint": endpoint}
+        )
+
     async def test_huge_request(self):
-        """A 10 MB request is refused by ZMQ_MAXMSGSIZE; the next requests are served."""
+        """A 10 MB request is refused by ZMQ_MAXMSGSIZE, counted; the next requests are served."""
         self.manage().send(b"{" + b" " * (10 << 20) + b"}")
-        await settle(0.2)
+        await wait_for(lambda: self.disconnects("manage") == 1, what="the refusal to be counted")
         await assert_healthy(self, self.top, self.ctx)
 
     async def test_deeply_nested(self):
@@ -132,10 +137,12 @@ class BadInputTests(TestCase):
         await assert_healthy(self, self.top, self.ctx)
 
     async def test_oversize_on_sub(self):
-        """An oversize message on the sub endpoint is refused; later valid messages pass."""
+        """An oversize message on the sub endpoint is refused and counted; later valid messages pass."""
         pub = self.ctx.socket(zmq.PUB, f"tcp://127.0.0.1:{self.ports['sub']}")
         await settle(0.1)
+        self.assertEqual(self.disconnects("sub"), 0)
         pub.send(b"threatbus/intel " + b" " * (2 << 20))
+        await wait_for(lambda: self.disconnects("sub") == 1, what="the refusal to be counted")
         deep = b"threatbus/intel " + b"[" * 100_000 + b"]" * 100_000
         pub.send(deep)
         await assert_healthy(self, self.top, self.ctx)

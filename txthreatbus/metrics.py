@@ -92,6 +92,12 @@ class Metrics:
         self._dropped = counter(
             "txthreatbus_dropped", "Messages or requests dropped, by reason", ["reason"]
         )
+        self.disconnects = counter(
+            "txthreatbus_disconnects",
+            "App connections closed at a receiving endpoint (the app left, or sent a "
+            "message over max_message_size)",
+            ["endpoint"],
+        )
         self.subscriptions = gauge("txthreatbus_subscriptions", "Active app subscriptions")
         self.snapshots_pending = gauge(
             "txthreatbus_snapshots_pending", "Snapshots waiting for answers"

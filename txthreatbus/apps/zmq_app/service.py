@@ -14,13 +14,14 @@ import socket
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import succeed
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from txzmq import ZmqFactory
 from zope.interface import implementer
 
 from txthreatbus import logs
 from txthreatbus.apps.zmq_app.curve import ZapHandler, load_keys, secure
 from txthreatbus.apps.zmq_app.manage import ManageConnection, ManagementHandler
+from txthreatbus.apps.zmq_app.monitor import DisconnectMonitor
 from txthreatbus.apps.zmq_app.publisher import Publisher, PublisherConnection
 from txthreatbus.apps.zmq_app.receiver import ReceiverConnection
 from txthreatbus.apps.zmq_app.sockets import SocketService, bind, tcp_address
@@ -117,7 +118,9 @@ class ZmqAppService(MultiService):
         connection = ReceiverConnection(
             self._zmq(), self._bus.publish, self._metrics, RECEIVE_HWM, self.config.max_message_size
         )
-        return connection, self._bind(connection, "sub")
+        port = self._bind(connection, "sub")
+        DisconnectMonitor(self._zmq(), connection, "sub", self._metrics, LogLevel.info)
+        return connection, port
 
     def _open_manage(self):
         host = advertised_host(self.config)
@@ -135,7 +138,10 @@ class ZmqAppService(MultiService):
         connection = ManageConnection(
             self._zmq(), handler.handle, self._metrics, self.config.max_message_size
         )
-        return connection, self._bind(connection, "manage")
+        port = self._bind(connection, "manage")
+        # request-reply clients come and go: their leaving is no news
+        DisconnectMonitor(self._zmq(), connection, "manage", self._metrics, LogLevel.debug)
+        return connection, port
 
     def _subscription_changed(self, subscribed: bool, topic: bytes) -> None:
         sub = self.subscriptions.get(topic[:32].decode("ascii", "replace"))
