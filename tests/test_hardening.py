@@ -89,6 +89,21 @@ class SlowJoinerTests(TestCase):
         self.assertEqual(top.getServiceNamed("bus").metrics.dropped("buffer_overflow"), 0)
 
 
+    async def test_sub_to_everything(self):
+        """An app whose SUB socket subscribes to everything (b"") gets its messages."""
+        top = start_bus(self)
+        ctx = Context(self)
+        app = App.on(ctx, top)
+        await app.subscribe(ctx, "threatbus/intel", connect_sub=False)
+        app.sub = ctx.socket(zmq.SUB, "tcp://" + app.reply["pub_endpoint"])
+        app.sub.setsockopt(zmq.SUBSCRIBE, b"")
+        publisher = App.on(ctx, top)
+        await publisher.subscribe(ctx, "threatbus/sighting")
+        await publish_until_seen(publisher, "threatbus/intel", INTEL, [app])
+        publisher.publish("threatbus/intel", intel(7))
+        self.assertEqual(await app.receive(1), [("intel", intel(7))])
+
+
 class BadInputTests(TestCase):
     """Bad input on any socket gets an error or a counted drop; the bus goes on."""
 

@@ -185,6 +185,23 @@ class BufferTests(SynchronousTestCase):
         world.publisher.subscribed(sub, True)
         self.assertEqual(world.ids(), ["intel-0"])
 
+    def test_prefix_subscription(self):
+        """A SUB socket subscribed to a short prefix (b"": everything) takes the frames it covers."""
+        world = World()
+        sub = world.subscriptions.subscribe("threatbus/intel", timedelta(0))
+        world.bus.publish(intel(0))
+        world.publisher.prefix_subscribed(b"{", True)  # no P2P topic starts so
+        self.assertEqual(world.socket.sent, [])
+        world.publisher.prefix_subscribed(sub.prefix[:5], True)
+        self.assertEqual(world.ids(), ["intel-0"])
+        world.bus.publish(intel(1))
+        self.assertEqual(world.ids(), ["intel-0", "intel-1"])
+        world.publisher.prefix_subscribed(sub.prefix[:5], False)
+        world.bus.publish(intel(2))
+        self.assertEqual(world.ids(), ["intel-0", "intel-1"])
+        world.publisher.prefix_subscribed(b"", True)
+        self.assertEqual(world.ids(), ["intel-0", "intel-1", "intel-2"])
+
     def test_encoded_once(self):
         """One message sent to many apps is encoded once: every frame shares the body."""
         world = World()

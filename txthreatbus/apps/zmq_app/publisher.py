@@ -58,6 +58,10 @@ class Publisher:
         self._blocked = {}  # subscriptions with frames waiting, in order of arrival
         self._overflowing = set()  # subscriptions warned of since their last flush
         self._retry = None
+        #: Topics shorter than a P2P topic that some app's SUB socket
+        #: subscribed to (b"": everything); they cover every P2P topic they
+        #: begin. Threat Bus apps subscribe to their own P2P topic instead.
+        self._prefixes = set()
         self.connection = None
 
     def send(self, sub, message) -> None:
@@ -65,7 +69,7 @@ class Publisher:
         cls = type(message)
         self._metrics.published[_TYPE_NAMES[cls]].inc()
         frame = sub.prefix + _SUFFIXES[cls] + codec.encode(message)
-        if sub.ready and sub.pending is None and self.connection is not None:
+        if sub.pending is None and self.connection is not None and (sub.ready or self._covered(sub)):
             try:
                 self.connection.send(frame)
                 return
@@ -85,11 +89,25 @@ class Publisher:
                 log.warn("Buffer of {p2p} is full: dropping its oldest messages", p2p=sub.p2p)
         sub.pending.append(frame)
 
+    def _covered(self, sub) -> bool:
+        """Whether a SUB socket subscribed to a short prefix of ``sub``'s topic."""
+        return bool(self._prefixes) and any(sub.prefix.startswith(p) for p in self._prefixes)
+
     def subscribed(self, sub, ready: bool) -> None:
         """The app's SUB socket has subscribed (or unsubscribed) to its topic."""
         sub.ready = ready
         if ready and sub.pending is not None:
             self._flush(sub)
+
+    def prefix_subscribed(self, prefix: bytes, subscribed: bool) -> None:
+        """A SUB socket has subscribed (or unsubscribed) to a short ``prefix``."""
+        if not subscribed:
+            self._prefixes.discard(prefix)
+            return
+        self._prefixes.add(prefix)
+        for sub in list(self._blocked):
+            if sub.prefix.startswith(prefix):
+                self._flush(sub)
 
     def discard(self, sub) -> None:
         """Forget ``sub`` and what it holds (it unsubscribed)."""
@@ -125,7 +143,7 @@ class Publisher:
     def _retry_blocked(self) -> None:
         self._retry = None
         for sub in list(self._blocked):
-            if sub.ready:
+            if sub.ready or self._covered(sub):
                 self._flush(sub)
 
     def stop(self) -> None:

@@ -25,7 +25,7 @@ from txthreatbus.apps.zmq_app.monitor import DisconnectMonitor
 from txthreatbus.apps.zmq_app.publisher import Publisher, PublisherConnection
 from txthreatbus.apps.zmq_app.receiver import ReceiverConnection
 from txthreatbus.apps.zmq_app.sockets import SocketService, bind, tcp_address
-from txthreatbus.apps.zmq_app.subscriptions import Subscriptions
+from txthreatbus.apps.zmq_app.subscriptions import P2P_LENGTH, Subscriptions
 from txthreatbus.config import ZmqAppConfig
 from txthreatbus.interfaces import IApp
 
@@ -144,7 +144,10 @@ class ZmqAppService(MultiService):
         return connection, port
 
     def _subscription_changed(self, subscribed: bool, topic: bytes) -> None:
-        sub = self.subscriptions.get(topic[:32].decode("ascii", "replace"))
+        if len(topic) < P2P_LENGTH:
+            self.publisher.prefix_subscribed(topic, subscribed)
+            return
+        sub = self.subscriptions.get(topic[:P2P_LENGTH].decode("ascii", "replace"))
         if sub is not None:
             self.publisher.subscribed(sub, subscribed)
 

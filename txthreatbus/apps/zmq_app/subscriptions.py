@@ -27,12 +27,16 @@ log = Logger(observer=logs.publisher)
 _LETTERS = string.ascii_lowercase
 
 
+#: Letters in a point-to-point topic.
+P2P_LENGTH = 32
+
+
 def new_p2p_topic() -> str:
     """32 random lowercase letters, from a cryptographically secure source."""
     # One unbiased draw of a 32-digit base-26 number, spelled in letters.
-    n = secrets.randbelow(26**32)
+    n = secrets.randbelow(26**P2P_LENGTH)
     letters = []
-    for _ in range(32):
+    for _ in range(P2P_LENGTH):
         n, digit = divmod(n, 26)
         letters.append(_LETTERS[digit])
     return "".join(letters)
