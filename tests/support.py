@@ -98,7 +98,10 @@ async def receive(sock, n: int, timeout: float = DEADLINE) -> list:
             got.append(frames[0] if len(frames) == 1 else frames)
         return True
 
-    await wait_for(more, timeout, f"{n} messages (got {len(got)})")
+    try:
+        await wait_for(more, timeout, f"{n} messages")
+    except Timeout:
+        raise Timeout(f"timed out after {timeout} s waiting for {n} messages: got {len(got)}") from None
     return got
 
 
@@ -131,7 +134,10 @@ class App:
         self.reply = await request(self.manage, {"action": "subscribe", "topic": topic, "snapshot": snapshot})
         assert self.reply["status"] == "success", self.reply
         self.p2p = self.reply["topic"]
-        self.pub = ctx.socket(zmq.PUB, "tcp://" + self.reply["sub_endpoint"])
+        self.pub = ctx.socket(zmq.PUB)
+        # a burst must not meet the PUB socket's own high-water mark (1,000)
+        self.pub.setsockopt(zmq.SNDHWM, 0)
+        self.pub.connect("tcp://" + self.reply["sub_endpoint"])
         if connect_sub:
             self.connect_sub(ctx)
         return self.reply
