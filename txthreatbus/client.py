@@ -51,6 +51,7 @@ from txzmq import ZmqConnection, ZmqEndpoint, ZmqEndpointType, ZmqFactory, ZmqRE
 from zope.interface import Attribute, Interface, implementer
 
 from txthreatbus import codec, logs
+from txthreatbus.connections import BatchedReadConnection, XPubConnection
 from txthreatbus.model import Intel, Sighting, SnapshotEnvelope, SnapshotRequest
 
 log = Logger(observer=logs.publisher)
@@ -261,45 +262,20 @@ class ManageConnection(ZmqREQConnection):
 
 
 @implementer(ISubscriberSocket)
-class SubscriberConnection(ZmqConnection):
+class SubscriberConnection(BatchedReadConnection):
     """A SUB socket handing each one-frame message to ``receive``."""
 
     socketType = zmq.SUB
 
     def __init__(self, factory, endpoint: str, receive: Callable[[bytes], None]):
         self._receive = receive
-        ZmqConnection.__init__(self, factory)
+        BatchedReadConnection.__init__(self, factory)
         self.socket.setsockopt(zmq.LINGER, 0)
         _connect(self, endpoint)
 
-    #: Messages read per turn of the reactor. txZMQ's ``doRead`` reads until
-    #: the socket is empty, which under a flood can take longer than a
-    #: request timeout: heartbeats, their replies and signals would wait.
+    #: Messages read per turn of the reactor: under a flood, heartbeats,
+    #: their replies and signals must not wait behind it.
     batch = 1000
-
-    def doRead(self):
-        # txZMQ's doRead, bounded: after ``batch`` messages, the rest is read
-        # on the next turn. ZeroMQ's descriptor is edge-triggered, so we
-        # either read until EVENTS says empty, or come back ourselves.
-        if self.read_scheduled is not None:
-            if self.read_scheduled.active():
-                self.read_scheduled.cancel()
-            self.read_scheduled = None
-        for _ in range(self.batch):
-            if self.factory is None:  # closed
-                return
-            if not self.socket.get(zmq.EVENTS) & zmq.POLLIN:
-                return
-            try:
-                message = self._readMultipart()
-            except zmq.Again:
-                continue
-            try:
-                self.messageReceived(message)
-            except Exception:
-                log.failure("Handling a message from Threat Bus failed")
-        if self.factory is not None:
-            self.read_scheduled = self.factory.reactor.callLater(0, self.doRead)
 
     def messageReceived(self, message):
         if len(message) != 1:
@@ -319,26 +295,16 @@ class SubscriberConnection(ZmqConnection):
 
 
 @implementer(IPublisherSocket)
-class PublisherConnection(ZmqConnection):
+class PublisherConnection(XPubConnection):
     """
     An XPUB socket (a PUB, to the bus) that reports the bus's subscriptions,
     and refuses (``zmq.Again``) rather than drops when its queue is full.
     """
 
-    socketType = zmq.XPUB
-
     def __init__(self, factory, endpoint: str, notify, linger: float, send_hwm: int):
-        self._notify = notify
-        ZmqConnection.__init__(self, factory)
-        self.socket.setsockopt(zmq.XPUB_NODROP, 1)
-        self.socket.setsockopt(zmq.SNDHWM, send_hwm)
+        XPubConnection.__init__(self, factory, notify, send_hwm)
         self.socket.setsockopt(zmq.LINGER, int(linger * 1000))
         _connect(self, endpoint)
-
-    def messageReceived(self, message):
-        for frame in message:
-            if frame[:1] in (b"\x01", b"\x00"):
-                self._notify(frame[:1] == b"\x01", frame[1:])
 
     def close(self) -> None:
         if self.socket is not None:

@@ -14,9 +14,8 @@ from collections import deque
 
 import zmq
 from twisted.logger import Logger
-from txzmq import ZmqConnection
-
 from txthreatbus import codec, logs
+from txthreatbus.connections import XPubConnection
 from txthreatbus.model import Intel, Sighting, SnapshotRequest
 
 log = Logger(observer=logs.publisher)
@@ -30,22 +29,12 @@ _TYPE_NAMES = {cls: cls.topic.rsplit("/", 1)[1] for cls in _SUFFIXES}
 RETRY_INTERVAL = 0.005
 
 
-class PublisherConnection(ZmqConnection):
-    """An XPUB socket that reports subscriptions to ``notify(subscribed, topic)``."""
-
-    socketType = zmq.XPUB
+class PublisherConnection(XPubConnection):
+    """The bus's XPUB, told of every app subscription, repeats included."""
 
     def __init__(self, factory, notify, send_hwm: int):
-        self._notify = notify
-        ZmqConnection.__init__(self, factory)
+        XPubConnection.__init__(self, factory, notify, send_hwm)
         self.socket.setsockopt(zmq.XPUB_VERBOSE, 1)
-        self.socket.setsockopt(zmq.XPUB_NODROP, 1)
-        self.socket.setsockopt(zmq.SNDHWM, send_hwm)
-
-    def messageReceived(self, message):
-        for frame in message:
-            if frame[:1] in (b"\x01", b"\x00"):
-                self._notify(frame[:1] == b"\x01", frame[1:])
 
 
 class Publisher:

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import zmq
 from twisted.logger import Logger
-from txzmq import ZmqConnection
-
 from txthreatbus import codec, logs
+from txthreatbus.connections import BatchedReadConnection
 from txthreatbus.model import Intel, Sighting, SnapshotEnvelope
 
 log = Logger(observer=logs.publisher)
@@ -20,42 +19,18 @@ log = Logger(observer=logs.publisher)
 TOPICS = {cls.topic.encode(): cls.topic.rsplit("/", 1)[1] for cls in (Intel, Sighting, SnapshotEnvelope)}
 
 
-class ReceiverConnection(ZmqConnection):
+class ReceiverConnection(BatchedReadConnection):
     """A receive-only SUB socket subscribed to ``threatbus/``."""
 
     socketType = zmq.SUB
-    #: Messages read in one turn of the reactor, so that a flood from the
-    #: apps cannot starve the management socket.
-    batch = 500
 
     def __init__(self, factory, publish, metrics, receive_hwm: int, max_message_size: int):
         self._publish = publish
         self._metrics = metrics
-        ZmqConnection.__init__(self, factory)
+        BatchedReadConnection.__init__(self, factory)
         self.socket.setsockopt(zmq.RCVHWM, receive_hwm)
         self.socket.setsockopt(zmq.MAXMSGSIZE, max_message_size)
         self.socket.setsockopt(zmq.SUBSCRIBE, b"threatbus/")
-
-    def doRead(self):
-        # The socket only receives: reading until EAGAIN re-arms ZeroMQ's
-        # edge-triggered descriptor, so txZMQ's per-message ZMQ_EVENTS check
-        # and logging context are not needed.
-        if self.read_scheduled is not None:
-            if not self.read_scheduled.called:
-                self.read_scheduled.cancel()
-            self.read_scheduled = None
-        for _ in range(self.batch):
-            if self.factory is None:  # shut down meanwhile
-                return
-            try:
-                message = self.socket.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            try:
-                self.messageReceived(message)
-            except Exception:
-                log.failure("The bus failed to take a message from an app")
-        self.read_scheduled = self.factory.reactor.callLater(0, self.doRead)
 
     def messageReceived(self, message):
         if len(message) != 1:

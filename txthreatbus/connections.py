@@ -1,0 +1,63 @@
+"""
+txZMQ connections that the bus and the client both use.
+
+``BatchedReadConnection`` reads a receive-only socket a bounded batch per
+reactor turn, so that a flood on it cannot starve the other sockets.
+``XPubConnection`` is a PUB socket to its peers that reports their
+subscriptions and refuses (``zmq.Again``) instead of dropping when full.
+"""
+
+from __future__ import annotations
+
+import zmq
+from twisted.logger import Logger
+from txzmq import ZmqConnection
+
+from txthreatbus import logs
+
+log = Logger(observer=logs.publisher)
+
+
+class BatchedReadConnection(ZmqConnection):
+    """A receive-only socket, read at most ``batch`` messages a reactor turn."""
+
+    batch = 500
+
+    def doRead(self):
+        # The socket only receives: reading until EAGAIN re-arms ZeroMQ's
+        # edge-triggered descriptor, so txZMQ's per-message ZMQ_EVENTS check
+        # and logging context are not needed. After ``batch`` messages the
+        # rest is read on the next turn, which we schedule ourselves.
+        if self.read_scheduled is not None:
+            if self.read_scheduled.active():
+                self.read_scheduled.cancel()
+            self.read_scheduled = None
+        for _ in range(self.batch):
+            if self.factory is None:  # shut down meanwhile
+                return
+            try:
+                message = self.socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                self.messageReceived(message)
+            except Exception:
+                log.failure("Handling a message on {connection!r} failed", connection=self)
+        self.read_scheduled = self.factory.reactor.callLater(0, self.doRead)
+
+
+class XPubConnection(ZmqConnection):
+    """An XPUB socket reporting each (un)subscription to ``notify(subscribed, topic)``."""
+
+    socketType = zmq.XPUB
+
+    def __init__(self, factory, notify, send_hwm: int):
+        self._notify = notify
+        ZmqConnection.__init__(self, factory)
+        self.socket.setsockopt(zmq.XPUB_NODROP, 1)
+        self.socket.setsockopt(zmq.SNDHWM, send_hwm)
+
+    def messageReceived(self, message):
+        for frame in message:
+            if frame[:1] in (b"\x01", b"\x00"):
+                self._notify(frame[:1] == b"\x01", frame[1:])
