@@ -36,16 +36,20 @@ def intel(i: int) -> Intel:
 
 
 class FakeSocket:
-    """Records frames like a txZMQ connection; ``full`` makes send refuse."""
+    """Records frames like our XPubConnection; ``full`` makes it refuse."""
 
     def __init__(self):
         self.sent = []
+        self.calls = 0
         self.full = False
 
-    def send(self, frame):
-        if self.full:
-            raise zmq.Again()
-        self.sent.append(frame)
+    def send_from(self, frames):
+        self.calls += 1
+        while frames:
+            if self.full:
+                return False
+            self.sent.append(frames.popleft())
+        return True
 
 
 class World:
@@ -58,6 +62,12 @@ class World:
         self.publisher = Publisher(self.clock, self.metrics, buffer_size)
         self.socket = self.publisher.connection = FakeSocket()
         self.subscriptions = Subscriptions(self.bus, self.publisher, self.clock, timeout, limit)
+
+    def publish(self, *messages):
+        """Publish ``messages`` in one reactor turn, and end the turn."""
+        for message in messages:
+            self.bus.publish(message)
+        self.clock.advance(0)
 
     def ids(self, frames=None):
         frames = self.socket.sent if frames is None else frames
@@ -111,7 +121,7 @@ class LivenessTests(SynchronousTestCase):
         world = World(timeout=60)
         sub = world.subscriptions.subscribe("threatbus", timedelta(days=1))
         self.assertEqual(world.bus.pending_snapshots(), 1)
-        world.bus.publish(intel(1))
+        world.publish(intel(1))
         self.assertEqual(len(sub.pending), 1)  # its SUB never connected
         world.clock.advance(60)
         self.assertEqual(world.bus.pending_snapshots(), 0)
@@ -136,21 +146,71 @@ class BufferTests(SynchronousTestCase):
         world = World()
         sub = world.subscriptions.subscribe("threatbus/intel", timedelta(0))
         for i in range(5):
-            world.bus.publish(intel(i))
+            world.publish(intel(i))
         self.assertEqual(world.socket.sent, [])
         world.publisher.subscribed(sub, True)
         self.assertEqual(world.ids(), [f"intel-{i}" for i in range(5)])
         self.assertTrue(all(f.startswith(sub.p2p.encode() + b"intel ") for f in world.socket.sent))
-        world.bus.publish(intel(5))
+        world.publish(intel(5))
         self.assertEqual(world.ids()[-1], "intel-5")
         self.assertIsNone(sub.pending)
+
+    def test_sent_at_end_of_turn(self):
+        """What one reactor turn publishes goes out when the turn ends, each app's in one batch."""
+        world = World()
+        subs = [world.subscriptions.subscribe("threatbus/intel", timedelta(0)) for _ in range(2)]
+        for sub in subs:
+            world.publisher.subscribed(sub, True)
+        for i in range(3):
+            world.bus.publish(intel(i))
+        self.assertEqual(world.socket.sent, [])
+        world.clock.advance(0)
+        self.assertEqual(world.socket.calls, 2)
+        for sub in subs:
+            mine = [f for f in world.socket.sent if f.startswith(sub.prefix)]
+            self.assertEqual(world.ids(mine), ["intel-0", "intel-1", "intel-2"])
+        self.assertEqual(world.clock.getDelayedCalls(), [])
+
+    def test_unsubscribed_before_turn_ends(self):
+        """An app that unsubscribes before the turn ends is sent nothing more; its frames are counted."""
+        world = World()
+        sub = world.subscriptions.subscribe("threatbus/intel", timedelta(0))
+        world.publisher.subscribed(sub, True)
+        world.bus.publish(intel(0))
+        world.subscriptions.unsubscribe(sub.p2p)
+        world.clock.advance(0)
+        self.assertEqual(world.socket.sent, [])
+        self.assertEqual(world.metrics.dropped("unsubscribed"), 1)
+
+    def test_stop(self):
+        """Stopping the publisher sends what is due and leaves no call behind."""
+        world = World()
+        sub = world.subscriptions.subscribe("threatbus/intel", timedelta(0))
+        world.publisher.subscribed(sub, True)
+        world.bus.publish(intel(0))
+        world.publisher.stop()
+        self.assertEqual(world.ids(), ["intel-0"])
+        self.assertEqual(world.clock.getDelayedCalls(), [])
+
+    def test_stop_while_refused(self):
+        """Stopping while the socket refuses leaves no call behind either."""
+        world = World()
+        sub = world.subscriptions.subscribe("threatbus/intel", timedelta(0))
+        world.publisher.subscribed(sub, True)
+        world.socket.full = True
+        world.publish(intel(0))
+        world.bus.publish(intel(1))
+        self.assertEqual(len(world.clock.getDelayedCalls()), 2)
+        world.publisher.stop()
+        self.assertEqual(world.clock.getDelayedCalls(), [])
+        self.assertEqual(world.socket.sent, [])
 
     def test_overflow_drops_oldest(self):
         """A full buffer drops its oldest frames, counted."""
         world = World(buffer_size=3)
         sub = world.subscriptions.subscribe("threatbus/intel", timedelta(0))
         for i in range(5):
-            world.bus.publish(intel(i))
+            world.publish(intel(i))
         world.publisher.subscribed(sub, True)
         self.assertEqual(world.ids(), ["intel-2", "intel-3", "intel-4"])
         self.assertEqual(world.metrics.dropped("buffer_overflow"), 2)
@@ -160,15 +220,15 @@ class BufferTests(SynchronousTestCase):
         world = World()
         sub = world.subscriptions.subscribe("threatbus/intel", timedelta(0))
         world.publisher.subscribed(sub, True)
-        world.bus.publish(intel(0))
+        world.publish(intel(0))
         world.socket.full = True
-        world.bus.publish(intel(1))
-        world.bus.publish(intel(2))
+        world.publish(intel(1))
+        world.publish(intel(2))
         self.assertEqual(world.ids(), ["intel-0"])
         world.clock.advance(RETRY_INTERVAL)
         self.assertEqual(world.ids(), ["intel-0"])
         world.socket.full = False
-        world.bus.publish(intel(3))  # queued behind the others, not sent ahead
+        world.publish(intel(3))  # queued behind the others, not sent ahead
         self.assertEqual(world.ids(), ["intel-0"])
         world.clock.advance(RETRY_INTERVAL)
         self.assertEqual(world.ids(), [f"intel-{i}" for i in range(4)])
@@ -180,7 +240,7 @@ class BufferTests(SynchronousTestCase):
         sub = world.subscriptions.subscribe("threatbus/intel", timedelta(0))
         world.publisher.subscribed(sub, True)
         world.publisher.subscribed(sub, False)
-        world.bus.publish(intel(0))
+        world.publish(intel(0))
         self.assertEqual(world.socket.sent, [])
         world.publisher.subscribed(sub, True)
         self.assertEqual(world.ids(), ["intel-0"])
@@ -189,15 +249,15 @@ class BufferTests(SynchronousTestCase):
         """A SUB socket subscribed to a short prefix (b"": everything) takes the frames it covers."""
         world = World()
         sub = world.subscriptions.subscribe("threatbus/intel", timedelta(0))
-        world.bus.publish(intel(0))
+        world.publish(intel(0))
         world.publisher.prefix_subscribed(b"{", True)  # no P2P topic starts so
         self.assertEqual(world.socket.sent, [])
         world.publisher.prefix_subscribed(sub.prefix[:5], True)
         self.assertEqual(world.ids(), ["intel-0"])
-        world.bus.publish(intel(1))
+        world.publish(intel(1))
         self.assertEqual(world.ids(), ["intel-0", "intel-1"])
         world.publisher.prefix_subscribed(sub.prefix[:5], False)
-        world.bus.publish(intel(2))
+        world.publish(intel(2))
         self.assertEqual(world.ids(), ["intel-0", "intel-1"])
         world.publisher.prefix_subscribed(b"", True)
         self.assertEqual(world.ids(), ["intel-0", "intel-1", "intel-2"])
@@ -211,7 +271,7 @@ class BufferTests(SynchronousTestCase):
         calls = []
         real = codec.unstructure
         self.patch(codec, "unstructure", lambda m: calls.append(m) or real(m))
-        world.bus.publish(intel(0))
+        world.publish(intel(0))
         bodies = {f.partition(b" ")[2] for f in world.socket.sent}
         self.assertEqual(len(world.socket.sent), 3)
         self.assertEqual(len(bodies), 1)

@@ -57,6 +57,25 @@ class XPubConnection(ZmqConnection):
         self.socket.setsockopt(zmq.XPUB_NODROP, 1)
         self.socket.setsockopt(zmq.SNDHWM, send_hwm)
 
+    def send_from(self, frames) -> bool:
+        """
+        Send the single-frame messages of the deque ``frames`` from its left,
+        removing each one sent; False if the socket refused one (full).
+        """
+        send = self.socket.send
+        try:
+            while frames:
+                send(frames[0], zmq.NOBLOCK)
+                frames.popleft()
+            return True
+        except zmq.Again:
+            return False
+        finally:
+            # As txZMQ's send does: ZeroMQ may not signal what arrived
+            # (subscriptions) after we touched the socket.
+            if self.read_scheduled is None:
+                self.read_scheduled = self.factory.reactor.callLater(0, self.doRead)
+
     def messageReceived(self, message):
         for frame in message:
             if frame[:1] in (b"\x01", b"\x00"):

@@ -178,9 +178,9 @@ class ZmqAppService(MultiService):
         return d
 
     def _close(self):
-        self.subscriptions.clear()
         self.publisher.stop()
         self.publisher.connection = None
+        self.subscriptions.clear()
         for child in self:
             child.close()
         factory, self._factory = self._factory, None
