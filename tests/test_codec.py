@@ -189,6 +189,17 @@ class DecodeErrorTests(SynchronousTestCase):
         self.assertDecodeError("threatbus/intel", b"not json", "invalid JSON")
         self.assertDecodeError("threatbus/intel", b"", "invalid JSON")
         self.assertDecodeError("threatbus/intel", b'{"ts": ', "invalid JSON")
+        self.assertDecodeError("threatbus/intel", dumps(INTEL) + b" {}", "extra data")
+        self.assertDecodeError("threatbus/intel", b"   ", "invalid JSON")
+
+    def test_json_whitespace(self):
+        """JSON's own whitespace around the value is allowed; other white space is not."""
+        message = codec.decode("threatbus/intel", b" \t\r\n" + dumps(INTEL) + b"\n")
+        self.assertEqual(codec.unstructure(message), INTEL)
+        for space in ("\x0b", "\x0c", "\u00a0", "\u2028"):
+            data = space.encode() + dumps(INTEL)
+            self.assertDecodeError("threatbus/intel", data, "invalid JSON")
+            self.assertRaises(ValueError, json.loads, data)
 
     def test_not_utf8(self):
         """Bytes that are not UTF-8, including UTF-16 JSON."""
@@ -301,7 +312,7 @@ class DecodeErrorTests(SynchronousTestCase):
         """An indicator that is a string or an object."""
         for bad in ("evil.example.com", {"a": 1}):
             self.assertDecodeError(
-                "threatbus/intel", changed(INTEL, "data.indicator", bad), "indicator must be list"
+                "threatbus/intel", changed(INTEL, "data.indicator", bad), "indicator must be a list of strings"
             )
 
     def test_indicator_empty(self):
@@ -322,7 +333,7 @@ class DecodeErrorTests(SynchronousTestCase):
     def test_bad_sighting_fields(self):
         """A Sighting's context that is not an object, ioc that is not a list of strings."""
         self.assertDecodeError("threatbus/sighting", changed(SIGHTING, "context", [1]), "context must be dict")
-        self.assertDecodeError("threatbus/sighting", changed(SIGHTING, "ioc", "x"), "ioc must be list")
+        self.assertDecodeError("threatbus/sighting", changed(SIGHTING, "ioc", "x"), "ioc must be a list of strings, not str")
         self.assertDecodeError("threatbus/sighting", changed(SIGHTING, "ioc", [1]), "ioc must be a list of strings")
         self.assertDecodeError("threatbus/sighting", changed(SIGHTING, "intel", 1), "intel must be str")
 
@@ -371,7 +382,7 @@ class DecodeErrorTests(SynchronousTestCase):
             "SnapshotEnvelope.body", "unknown IntelType 0",
         )
         self.assertDecodeError(
-            "threatbus/snapshotenvelope", changed(ENVELOPE, "body", [INTEL]), "body must be dict, not list"
+            "threatbus/snapshotenvelope", changed(ENVELOPE, "body", [INTEL]), "body (snapshot_type INTEL): Intel must be a JSON object, not list"
         )
 
     def test_unknown_topic(self):

@@ -133,7 +133,7 @@ class IntelTests(SynchronousTestCase):
 
     def test_bad_ts(self):
         """ts must be a datetime, not its text."""
-        self.assertRefused(ValueError, "ts must be a datetime", lambda: intel(ts="2020-11-26 14:46:52"))
+        self.assertRefused(TypeError, "ts must be a datetime", lambda: intel(ts="2020-11-26 14:46:52"))
 
     def test_aware_ts(self):
         """An aware timestamp is as valid as a naive one."""
@@ -171,7 +171,7 @@ class SightingTests(SynchronousTestCase):
 
     def test_bad_ioc(self):
         """An ioc of non-strings is refused, naming the field."""
-        e = self.assertRaises(ValueError, sighting, ioc=[1])
+        e = self.assertRaises(TypeError, sighting, ioc=[1])
         self.assertIn("ioc must be a list of strings", str(e))
 
     def test_bad_context(self):
@@ -186,7 +186,7 @@ class SightingTests(SynchronousTestCase):
 
     def test_bad_ts(self):
         """ts must be a datetime."""
-        e = self.assertRaises(ValueError, sighting, ts=1606402012)
+        e = self.assertRaises(TypeError, sighting, ts=1606402012)
         self.assertIn("ts must be a datetime", str(e))
 
 

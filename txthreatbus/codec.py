@@ -128,105 +128,113 @@ def _no_constant(name: str):
 
 
 # NaN and Infinity are not JSON: we could not encode them back as JSON.
-_DECODER = json.JSONDecoder(parse_float=_finite, parse_constant=_no_constant)
+_scan = json.JSONDecoder(parse_float=_finite, parse_constant=_no_constant).scan_once
+_JSON_WHITESPACE = " \t\n\r"
 
 
 def loads(data: bytes) -> object:
-    """Parse JSON bytes; any failure is a ``DecodeError``."""
+    """Parse one JSON value from bytes; any failure is a ``DecodeError``."""
     if not isinstance(data, str):
         # json.loads would also take UTF-16 and UTF-32: the wire is UTF-8.
         try:
             data = bytes(data).decode("utf-8")
         except UnicodeDecodeError:
             raise DecodeError("not UTF-8") from None
+    text = data.strip(_JSON_WHITESPACE)
     try:
-        return _DECODER.decode(data)
+        # json.loads without its wrappers: the scanner reads one value
+        value, end = _scan(text, 0)
+    except StopIteration as e:
+        raise DecodeError(f"invalid JSON: expecting a value at character {e.value}") from None
     except RecursionError:
         raise DecodeError("JSON nested too deeply") from None
     except ValueError as e:
         raise DecodeError(f"invalid JSON: {e}") from None
+    if end != len(text):
+        raise DecodeError(f"invalid JSON: extra data at character {end}")
+    return value
 
 
 def structure(cls: type, value: object) -> Message:
-    """The message of class ``cls`` that the JSON ``value`` describes."""
-    fields = _Fields(value, cls.__name__)
+    """
+    The message of class ``cls`` that the JSON ``value`` describes.
+
+    The message's constructors check every field (``txthreatbus.model``):
+    this only takes the JSON apart, looks up enumerations and parses
+    timestamps, and turns any failure into a ``DecodeError``.
+    """
+    if type(value) is not dict:
+        raise DecodeError(f"{cls.__name__} must be a JSON object, not {type(value).__name__}")
     try:
-        return _STRUCTURERS[cls](fields)
+        return _STRUCTURERS[cls](value)
+    except KeyError as e:
+        raise DecodeError(f"{cls.__name__} has no {e.args[0]!r}") from None
     except (TypeError, ValueError, OverflowError) as e:
         if isinstance(e, DecodeError):
             raise
         raise DecodeError(f"{cls.__name__}: {e}") from None
 
 
-_MISSING = object()
+def _timestamp(what: str, raw: object) -> datetime:
+    if type(raw) is not str:
+        raise DecodeError(f"{what}.ts must be str, not {type(raw).__name__}")
+    try:
+        return datetime.fromisoformat(raw[:-1] + "+00:00" if raw[-1:] == "Z" else raw)
+    except ValueError:
+        raise DecodeError(f"{what}.ts is not a timestamp: {raw!r}") from None
 
 
-class _Fields:
-    """Typed access to the keys of a JSON object, failing with DecodeError."""
-
-    def __init__(self, value: object, what: str):
-        if not isinstance(value, dict):
-            raise DecodeError(f"{what} must be a JSON object, not {type(value).__name__}")
-        self.value = value
-        self.what = what
-
-    def get(self, key: str, types: tuple, optional: bool = False):
-        # JSON values come in exact types (a bool is no int here)
-        v = self.value.get(key, _MISSING)
-        if type(v) in types:
-            return v
-        if optional and (v is None or v is _MISSING):
-            return None
-        if v is _MISSING:
-            raise DecodeError(f"{self.what} has no {key!r}")
-        names = " or ".join(t.__name__ for t in types)
-        raise DecodeError(f"{self.what}.{key} must be {names}, not {type(v).__name__}")
-
-    def ts(self) -> datetime:
-        raw = self.get("ts", (str,))
-        try:
-            return datetime.fromisoformat(raw[:-1] + "+00:00" if raw.endswith("Z") else raw)
-        except ValueError:
-            raise DecodeError(f"{self.what}.ts is not a timestamp: {raw!r}") from None
-
-    def enum(self, key: str, enum_cls: type, types: tuple):
-        raw = self.get(key, types)
-        try:
-            return _MEMBERS[enum_cls][raw]
-        except KeyError:
-            raise DecodeError(f"{self.what}.{key}: unknown {enum_cls.__name__} {raw!r}") from None
+def _member(what: str, key: str, enum_cls: type, raw: object):
+    """The member of ``enum_cls`` whose value is ``raw``, of exactly its type."""
+    members, value_type = _MEMBERS[enum_cls]
+    if type(raw) is not value_type:  # a bool is no int here
+        raise DecodeError(f"{what}.{key} must be {value_type.__name__}, not {type(raw).__name__}")
+    member = members.get(raw)
+    if member is None:
+        raise DecodeError(f"{what}.{key}: unknown {enum_cls.__name__} {raw!r}")
+    return member
 
 
-_MEMBERS = {cls: {m.value: m for m in cls} for cls in (IntelType, MessageType, Operation)}
+_MEMBERS = {
+    cls: ({m.value: m for m in cls}, type(next(iter(cls)).value))
+    for cls in (IntelType, MessageType, Operation)
+}
 
 
-def _intel(f: _Fields) -> Intel:
-    data = _Fields(f.get("data", (dict,)), "Intel.data")
-    extra = {k: v for k, v in data.value.items() if k not in ("indicator", "intel_type")}
+def _intel(value: dict) -> Intel:
+    extra = value["data"]
+    if type(extra) is not dict:
+        raise DecodeError(f"Intel.data must be dict, not {type(extra).__name__}")
+    extra = dict(extra)
+    try:
+        indicator = extra.pop("indicator")
+        intel_type = extra.pop("intel_type")
+    except KeyError as e:
+        raise DecodeError(f"Intel.data has no {e.args[0]!r}") from None
     return Intel(
-        ts=f.ts(),
-        id=f.get("id", (str,)),
-        data=IntelData(
-            indicator=tuple(data.get("indicator", (list,))),
-            intel_type=data.enum("intel_type", IntelType, (int,)),
-            extra=extra,
-        ),
-        operation=f.enum("operation", Operation, (str,)),
+        ts=_timestamp("Intel", value["ts"]),
+        id=value["id"],
+        data=IntelData(indicator, _member("Intel.data", "intel_type", IntelType, intel_type), extra),
+        operation=_member("Intel", "operation", Operation, value["operation"]),
     )
 
 
-def _sighting(f: _Fields) -> Sighting:
-    ioc = f.get("ioc", (list,), optional=True)
+def _sighting(value: dict) -> Sighting:
+    context = value.get("context")
     return Sighting(
-        ts=f.ts(),
-        intel=f.get("intel", (str,)),
-        context=f.get("context", (dict,), optional=True) or {},
-        ioc=None if ioc is None else tuple(ioc),
+        ts=_timestamp("Sighting", value["ts"]),
+        intel=value["intel"],
+        context={} if context is None else context,
+        ioc=value.get("ioc"),
     )
 
 
-def _snapshot_request(f: _Fields) -> SnapshotRequest:
-    seconds = f.get("snapshot", (int,))
+def _snapshot_request(value: dict) -> SnapshotRequest:
+    snapshot_type = _member("SnapshotRequest", "snapshot_type", MessageType, value["snapshot_type"])
+    snapshot_id = value["snapshot_id"]
+    seconds = value["snapshot"]
+    if type(seconds) is not int:
+        raise DecodeError(f"SnapshotRequest.snapshot must be int, not {type(seconds).__name__}")
     try:
         snapshot = timedelta(seconds=seconds)
     except OverflowError:
@@ -236,18 +244,14 @@ def _snapshot_request(f: _Fields) -> SnapshotRequest:
             f"SnapshotRequest.snapshot must be a number of seconds > 0 that fits a "
             f"duration, not {seconds!r}"
         )
-    return SnapshotRequest(
-        snapshot_type=f.enum("snapshot_type", MessageType, (int,)),
-        snapshot_id=f.get("snapshot_id", (str,)),
-        snapshot=snapshot,
-    )
+    return SnapshotRequest(snapshot_type=snapshot_type, snapshot_id=snapshot_id, snapshot=snapshot)
 
 
-def _snapshot_envelope(f: _Fields) -> SnapshotEnvelope:
-    snapshot_type = f.enum("snapshot_type", MessageType, (int,))
+def _snapshot_envelope(value: dict) -> SnapshotEnvelope:
+    snapshot_type = _member("SnapshotEnvelope", "snapshot_type", MessageType, value["snapshot_type"])
     body_cls = Intel if snapshot_type is MessageType.INTEL else Sighting
-    snapshot_id = f.get("snapshot_id", (str,))
-    body = f.get("body", (dict,))
+    snapshot_id = value["snapshot_id"]
+    body = value["body"]
     try:
         body = structure(body_cls, body)
     except DecodeError as e:
