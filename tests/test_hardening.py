@@ -123,6 +123,19 @@ class BadInputTests(TestCase):
         await wait_for(lambda: self.metrics.dropped("manage_no_delimiter") == 1)
         await assert_healthy(self, self.top, self.ctx)
 
+    async def test_requests_in_flight(self):
+        """Many requests in flight at once, from several DEALERs, are each answered once."""
+        dealers = [self.manage(zmq.DEALER) for _ in range(3)]
+        for dealer in dealers:
+            for i in range(200):
+                action = "subscribe" if i % 2 else "heartbeat"
+                dealer.send_multipart([b"", json.dumps({"action": action, "topic": "threatbus"}).encode()])
+        for dealer in dealers:
+            replies = [json.loads(frames[1]) for frames in await receive(dealer, 200)]
+            self.assertEqual([r["status"] for r in replies], ["error", "success"] * 100)
+            self.assertEqual(drain(dealer), [])
+        self.assertEqual(len(zmq_app_of(self.top).subscriptions), 300)
+
     async def test_many_frames(self):
         """A request of many frames is an error."""
         reply = await request(self.manage(), [b"{}"] * 50)

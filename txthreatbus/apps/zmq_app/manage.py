@@ -3,8 +3,8 @@ The management endpoint: subscribe, unsubscribe and heartbeat, JSON over
 request-reply, with exactly the replies of PROTOCOL.md.
 
 ``ManagementHandler.handle`` turns any request frames into a reply dict and
-never raises; ``ManageConnection`` puts it on a txZMQ REP (ROUTER) socket and
-drops, counted, what is not a request at all (no empty delimiter).
+never raises; ``ManageConnection`` puts it on a ROUTER socket (apps see a
+REP) and drops, counted, what is not a request at all (no empty delimiter).
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from typing import Optional, Sequence
 
 import zmq
 from twisted.logger import Logger
-from txzmq import ZmqREPConnection
 
 from txthreatbus import codec, logs
 from txthreatbus.bus import snapshot_types
+from txthreatbus.connections import BatchedReadConnection
 
 log = Logger(observer=logs.publisher)
 
@@ -105,23 +105,38 @@ class ManagementHandler:
         return ERROR
 
 
-class ManageConnection(ZmqREPConnection):
-    """A REP-compatible (ROUTER) socket answering with ``handle(frames)``."""
+class ManageConnection(BatchedReadConnection):
+    """
+    A REP-compatible ROUTER socket answering each request with
+    ``handle(frames)`` at once. Requests are read in batches until the socket
+    is empty, so that the reply sent last cannot hide a request that arrived
+    meanwhile (ZeroMQ's descriptor is edge-triggered).
+    """
+
+    socketType = zmq.ROUTER
 
     def __init__(self, factory, handle, metrics, max_message_size: int):
         self._handle = handle
         self._metrics = metrics
-        ZmqREPConnection.__init__(self, factory)
+        BatchedReadConnection.__init__(self, factory)
         self.socket.setsockopt(zmq.MAXMSGSIZE, max_message_size)
 
     def messageReceived(self, message):
-        # [routing..., id, b"", request...]; a raw DEALER may send no delimiter
-        if b"" not in message[1:]:
+        # [routing..., b"", request...]; a raw DEALER may send no delimiter
+        try:
+            delimiter = message.index(b"", 1)
+        except ValueError:
             self._metrics.drop("manage_no_delimiter")
             log.info("Dropped a management message without an empty delimiter frame")
             return
-        ZmqREPConnection.messageReceived(self, message)
+        reply = json.dumps(self._handle(message[delimiter + 1 :])).encode()
+        # A ROUTER drops, never blocks, what an app's full queue cannot take.
+        send = self.socket.send
+        for frame in message[: delimiter + 1]:
+            send(frame, _MORE)
+        send(reply, _NOBLOCK)
 
-    def gotMessage(self, messageId, *frames):
-        reply = self._handle(frames)
-        self.reply(messageId, json.dumps(reply).encode())
+
+# Plain ints: combining pyzmq's flag enums costs a Python call each time.
+_NOBLOCK = int(zmq.NOBLOCK)
+_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
