@@ -19,6 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from txthreatbus import codec
 from txthreatbus.apps.zmq_app.manage import ManagementHandler
+from txthreatbus.apps.zmq_app import publisher
 from txthreatbus.apps.zmq_app.publisher import RETRY_INTERVAL, Publisher
 from txthreatbus.apps.zmq_app.subscriptions import Subscriptions
 from txthreatbus.backbones.inmem import InMemoryBackbone
@@ -170,6 +171,19 @@ class BufferTests(SynchronousTestCase):
             mine = [f for f in world.socket.sent if f.startswith(sub.prefix)]
             self.assertEqual(world.ids(mine), ["intel-0", "intel-1", "intel-2"])
         self.assertEqual(world.clock.getDelayedCalls(), [])
+
+    def test_long_turn_flushes(self):
+        """A turn that holds FLUSH_FRAMES frames sends them without waiting for its end."""
+        self.patch(publisher, "FLUSH_FRAMES", 4)
+        world = World()
+        subs = [world.subscriptions.subscribe("threatbus/intel", timedelta(0)) for _ in range(2)]
+        for sub in subs:
+            world.publisher.subscribed(sub, True)
+        for i in range(3):
+            world.bus.publish(intel(i))
+        self.assertEqual(world.ids(), ["intel-0", "intel-1"] * 2)
+        world.clock.advance(0)
+        self.assertEqual(sorted(world.ids()), sorted(["intel-0", "intel-1", "intel-2"] * 2))
 
     def test_unsubscribed_before_turn_ends(self):
         """An app that unsubscribes before the turn ends is sent nothing more; its frames are counted."""

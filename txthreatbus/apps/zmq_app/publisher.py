@@ -30,6 +30,9 @@ _TYPE_NAMES = {cls: cls.topic.rsplit("/", 1)[1] for cls in _SUFFIXES}
 
 #: Seconds between tries to send to an app whose socket was full.
 RETRY_INTERVAL = 0.005
+#: Frames a reactor turn may hold before they go out anyway: a turn that
+#: routes many messages to many apps would otherwise hold them all at once.
+FLUSH_FRAMES = 10_000
 
 
 class PublisherConnection(XPubConnection):
@@ -51,6 +54,7 @@ class Publisher:
         self._due = {}  # those of them to flush at the end of this reactor turn
         self._refused = set()  # those whose socket was full, until the retry
         self._overflowing = set()  # those warned of since their last flush
+        self._due_frames = 0  # frames held since _due was last flushed
         self._turn = None  # the call that flushes _due
         self._retry = None  # the call that flushes _refused
         #: Topics shorter than a P2P topic that some app's SUB socket
@@ -66,8 +70,11 @@ class Publisher:
         self._hold(sub, sub.prefix + _SUFFIXES[cls] + codec.encode(message))
         if sub.ready or self._covered(sub):
             self._due[sub] = None
-            if self._turn is None:
-                self._turn = self._clock.callLater(0, self._flush_due)
+            self._due_frames += 1
+            if self._due_frames >= FLUSH_FRAMES:
+                self._flush_due()
+            elif self._turn is None:
+                self._turn = self._clock.callLater(0, self._end_turn)
 
     def _hold(self, sub, frame: bytes) -> None:
         if sub.pending is None:
@@ -130,9 +137,13 @@ class Publisher:
     def _sendable(self, sub) -> bool:
         return sub.pending is not None and (sub.ready or self._covered(sub))
 
-    def _flush_due(self) -> None:
+    def _end_turn(self) -> None:
         self._turn = None
+        self._flush_due()
+
+    def _flush_due(self) -> None:
         due, self._due = self._due, {}
+        self._due_frames = 0
         for sub in due:
             if sub not in self._refused and self._sendable(sub):
                 self._flush(sub)
@@ -146,9 +157,7 @@ class Publisher:
 
     def stop(self) -> None:
         """Send what is due now and cancel the timers (the socket is closing)."""
-        if self._turn is not None:
-            self._turn.cancel()
-            self._flush_due()
+        self._flush_due()
         for call in (self._turn, self._retry):
             if call is not None and call.active():
                 call.cancel()
