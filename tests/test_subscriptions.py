@@ -356,13 +356,26 @@ class TopicTests(SynchronousTestCase):
     """P2P topics: 32 lowercase letters, drawn from ``secrets``."""
 
     def test_from_secrets(self):
-        """The topic spells the number drawn from secrets.randbelow in base 26."""
+        """The topic spells bytes drawn from secrets, modulo 26, skipping bytes of 234 and above."""
         from txthreatbus.apps.zmq_app import subscriptions
 
-        draws = []
-        self.patch(subscriptions.secrets, "randbelow", lambda n: draws.append(n) or 27)
-        self.assertEqual(subscriptions.new_p2p_topic(), "bb" + "a" * 30)
-        self.assertEqual(draws, [26**32])
+        draws = [bytes([0, 25, 26, 233, 234, 255] + [1] * 34), bytes([2] * 40)]
+        self.patch(subscriptions.secrets, "token_bytes", lambda n: draws.pop(0)[:n])
+        self.assertEqual(subscriptions.new_p2p_topic(), "azaz" + "b" * 28)
+        self.assertEqual(len(draws), 1)
+        self.patch(subscriptions.secrets, "token_bytes", lambda n: bytes([255] * 20 + [3] * (n - 20)))
+        self.assertEqual(subscriptions.new_p2p_topic(), "d" * 32)  # 20 + 20 letters, two draws
+
+    def test_uniform(self):
+        """Every letter is about equally likely in every position."""
+        from collections import Counter
+
+        from txthreatbus.apps.zmq_app.subscriptions import new_p2p_topic
+
+        counts = Counter("".join(new_p2p_topic() for _ in range(2000)))
+        expected = 2000 * 32 / 26
+        self.assertEqual(len(counts), 26)
+        self.assertTrue(all(abs(n - expected) < 0.1 * expected for n in counts.values()), counts)
 
     def test_shape(self):
         """Topics are 32 lowercase letters and differ."""

@@ -24,22 +24,21 @@ from txthreatbus.bus import Bus
 
 log = Logger(observer=logs.publisher)
 
-_LETTERS = string.ascii_lowercase
-
-
 #: Letters in a point-to-point topic.
 P2P_LENGTH = 32
+
+# Random bytes become letters: byte b is letter b % 26, and bytes of 234 and
+# above (26 * 9) are dropped, so that every letter is equally likely.
+_TO_LETTER = bytes(string.ascii_lowercase[b % 26].encode()[0] for b in range(256))
+_UNEVEN = bytes(range(26 * 9, 256))
 
 
 def new_p2p_topic() -> str:
     """32 random lowercase letters, from a cryptographically secure source."""
-    # One unbiased draw of a 32-digit base-26 number, spelled in letters.
-    n = secrets.randbelow(26**P2P_LENGTH)
-    letters = []
-    for _ in range(P2P_LENGTH):
-        n, digit = divmod(n, 26)
-        letters.append(_LETTERS[digit])
-    return "".join(letters)
+    letters = b""
+    while len(letters) < P2P_LENGTH:
+        letters += secrets.token_bytes(P2P_LENGTH + 8).translate(_TO_LETTER, _UNEVEN)
+    return letters[:P2P_LENGTH].decode("ascii")
 
 
 class AppSubscription:
