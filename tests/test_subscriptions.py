@@ -185,6 +185,15 @@ class BufferTests(SynchronousTestCase):
         world.clock.advance(0)
         self.assertEqual(sorted(world.ids()), sorted(["intel-0", "intel-1", "intel-2"] * 2))
 
+    def test_turn_longer_than_buffer(self):
+        """A turn that routes more than buffer_size messages to an app that can take them drops none."""
+        world = World(buffer_size=3)
+        sub = world.subscriptions.subscribe("threatbus/intel", timedelta(0))
+        world.publisher.subscribed(sub, True)
+        world.publish(*(intel(i) for i in range(8)))
+        self.assertEqual(world.ids(), [f"intel-{i}" for i in range(8)])
+        self.assertEqual(world.metrics.dropped("buffer_overflow"), 0)
+
     def test_unsubscribed_before_turn_ends(self):
         """An app that unsubscribes before the turn ends is sent nothing more; its frames are counted."""
         world = World()

@@ -77,15 +77,17 @@ class Publisher:
                 self._turn = self._clock.callLater(0, self._end_turn)
 
     def _hold(self, sub, frame: bytes) -> None:
+        if sub.pending is not None and len(sub.pending) >= self._buffer_size:
+            # Full: send it all now if the app can take it, else drop the oldest.
+            if sub in self._refused or not self._sendable(sub) or not self._flush(sub):
+                sub.pending.popleft()
+                self._metrics.drop("buffer_overflow")
+                if sub not in self._overflowing:
+                    self._overflowing.add(sub)
+                    log.warn("Buffer of {p2p} is full: dropping its oldest messages", p2p=sub.p2p)
         if sub.pending is None:
             sub.pending = deque()
             self._waiting[sub] = None
-        elif len(sub.pending) >= self._buffer_size:
-            sub.pending.popleft()
-            self._metrics.drop("buffer_overflow")
-            if sub not in self._overflowing:
-                self._overflowing.add(sub)
-                log.warn("Buffer of {p2p} is full: dropping its oldest messages", p2p=sub.p2p)
         sub.pending.append(frame)
 
     def _covered(self, sub) -> bool:
