@@ -1074,6 +1074,8 @@ class BusBrokerTests(BrokerTestCase):
         await requester.subscribe(ctx, "threatbus/intel", snapshot=1)
         await requester.wait_connected(one)
         [(suffix, request)] = await server.receive(1)
+        while (suffix, request) == ("intel", probe):  # a late copy, still crossing the broker
+            [(suffix, request)] = await server.receive(1)
         self.assertEqual(suffix, "snapshotrequest")
         self.assertEqual((request["snapshot_type"], request["snapshot"]), (1, 86400))
 
