@@ -10,7 +10,6 @@ import json
 import weakref
 from datetime import datetime, timedelta
 
-import zmq
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.task import Clock
@@ -63,6 +62,13 @@ class World:
         self.publisher = Publisher(self.clock, self.metrics, buffer_size)
         self.socket = self.publisher.connection = FakeSocket()
         self.subscriptions = Subscriptions(self.bus, self.publisher, self.clock, timeout, limit)
+
+    def app(self, topic="threatbus/intel", connected=True):
+        """A new subscription to ``topic``, its app's SUB socket subscribed if ``connected``."""
+        sub = self.subscriptions.subscribe(topic, timedelta(0))
+        if connected:
+            self.publisher.subscribed(sub, True)
+        return sub
 
     def publish(self, *messages):
         """Publish ``messages`` in one reactor turn, and end the turn."""
@@ -145,7 +151,7 @@ class BufferTests(SynchronousTestCase):
     def test_held_until_subscribed(self):
         """Frames for an app whose SUB has not subscribed go out in order when it does."""
         world = World()
-        sub = world.subscriptions.subscribe("threatbus/intel", timedelta(0))
+        sub = world.app(connected=False)
         for i in range(5):
             world.publish(intel(i))
         self.assertEqual(world.socket.sent, [])
@@ -159,9 +165,7 @@ class BufferTests(SynchronousTestCase):
     def test_sent_at_end_of_turn(self):
         """What one reactor turn publishes goes out when the turn ends, each app's in one batch."""
         world = World()
-        subs = [world.subscriptions.subscribe("threatbus/intel", timedelta(0)) for _ in range(2)]
-        for sub in subs:
-            world.publisher.subscribed(sub, True)
+        subs = [world.app() for _ in range(2)]
         for i in range(3):
             world.bus.publish(intel(i))
         self.assertEqual(world.socket.sent, [])
@@ -176,9 +180,8 @@ class BufferTests(SynchronousTestCase):
         """A turn that holds FLUSH_FRAMES frames sends them without waiting for its end."""
         self.patch(publisher, "FLUSH_FRAMES", 4)
         world = World()
-        subs = [world.subscriptions.subscribe("threatbus/intel", timedelta(0)) for _ in range(2)]
-        for sub in subs:
-            world.publisher.subscribed(sub, True)
+        for _ in range(2):
+            world.app()
         for i in range(3):
             world.bus.publish(intel(i))
         self.assertEqual(world.ids(), ["intel-0", "intel-1"] * 2)
@@ -188,8 +191,7 @@ class BufferTests(SynchronousTestCase):
     def test_turn_longer_than_buffer(self):
         """A turn that routes more than buffer_size messages to an app that can take them drops none."""
         world = World(buffer_size=3)
-        sub = world.subscriptions.subscribe("threatbus/intel", timedelta(0))
-        world.publisher.subscribed(sub, True)
+        world.app()
         world.publish(*(intel(i) for i in range(8)))
         self.assertEqual(world.ids(), [f"intel-{i}" for i in range(8)])
         self.assertEqual(world.metrics.dropped("buffer_overflow"), 0)
@@ -197,8 +199,7 @@ class BufferTests(SynchronousTestCase):
     def test_unsubscribed_before_turn_ends(self):
         """An app that unsubscribes before the turn ends is sent nothing more; its frames are counted."""
         world = World()
-        sub = world.subscriptions.subscribe("threatbus/intel", timedelta(0))
-        world.publisher.subscribed(sub, True)
+        sub = world.app()
         world.bus.publish(intel(0))
         world.subscriptions.unsubscribe(sub.p2p)
         world.clock.advance(0)
@@ -208,8 +209,7 @@ class BufferTests(SynchronousTestCase):
     def test_stop(self):
         """Stopping the publisher sends what is due and leaves no call behind."""
         world = World()
-        sub = world.subscriptions.subscribe("threatbus/intel", timedelta(0))
-        world.publisher.subscribed(sub, True)
+        world.app()
         world.bus.publish(intel(0))
         world.publisher.stop()
         self.assertEqual(world.ids(), ["intel-0"])
@@ -218,8 +218,7 @@ class BufferTests(SynchronousTestCase):
     def test_stop_while_refused(self):
         """Stopping while the socket refuses leaves no call behind either."""
         world = World()
-        sub = world.subscriptions.subscribe("threatbus/intel", timedelta(0))
-        world.publisher.subscribed(sub, True)
+        world.app()
         world.socket.full = True
         world.publish(intel(0))
         world.bus.publish(intel(1))
@@ -231,7 +230,7 @@ class BufferTests(SynchronousTestCase):
     def test_overflow_drops_oldest(self):
         """A full buffer drops its oldest frames, counted."""
         world = World(buffer_size=3)
-        sub = world.subscriptions.subscribe("threatbus/intel", timedelta(0))
+        sub = world.app(connected=False)
         for i in range(5):
             world.publish(intel(i))
         world.publisher.subscribed(sub, True)
@@ -241,8 +240,7 @@ class BufferTests(SynchronousTestCase):
     def test_full_socket_retries(self):
         """When ZeroMQ refuses (XPUB_NODROP at the high-water mark), frames wait and retry in order."""
         world = World()
-        sub = world.subscriptions.subscribe("threatbus/intel", timedelta(0))
-        world.publisher.subscribed(sub, True)
+        world.app()
         world.publish(intel(0))
         world.socket.full = True
         world.publish(intel(1))
@@ -260,8 +258,7 @@ class BufferTests(SynchronousTestCase):
     def test_unsubscribed_on_socket(self):
         """When the app's SUB goes away, frames wait again."""
         world = World()
-        sub = world.subscriptions.subscribe("threatbus/intel", timedelta(0))
-        world.publisher.subscribed(sub, True)
+        sub = world.app()
         world.publisher.subscribed(sub, False)
         world.publish(intel(0))
         self.assertEqual(world.socket.sent, [])
@@ -271,7 +268,7 @@ class BufferTests(SynchronousTestCase):
     def test_prefix_subscription(self):
         """A SUB socket subscribed to a short prefix (b"": everything) takes the frames it covers."""
         world = World()
-        sub = world.subscriptions.subscribe("threatbus/intel", timedelta(0))
+        sub = world.app(connected=False)
         world.publish(intel(0))
         world.publisher.prefix_subscribed(b"{", True)  # no P2P topic starts so
         self.assertEqual(world.socket.sent, [])
@@ -288,9 +285,8 @@ class BufferTests(SynchronousTestCase):
     def test_encoded_once(self):
         """One message sent to many apps is encoded once: every frame shares the body."""
         world = World()
-        subs = [world.subscriptions.subscribe("threatbus", timedelta(0)) for _ in range(3)]
-        for sub in subs:
-            world.publisher.subscribed(sub, True)
+        for _ in range(3):
+            world.app("threatbus")
         calls = []
         real = codec.unstructure
         self.patch(codec, "unstructure", lambda m: calls.append(m) or real(m))
