@@ -2,9 +2,9 @@
 The PUB side: each message to each app as one frame ``<P2P><suffix> <json>``.
 
 Every frame goes into its app's bounded buffer, and the buffers go out
-together at the end of the reactor turn: ZeroMQ's I/O thread then wakes once
-for a batch of frames instead of once per frame, which halves the CPU a
-delivery costs. The socket is an XPUB (apps see a PUB): it tells us when an
+together at the end of the reactor turn (or once ``FLUSH_FRAMES`` are held):
+ZeroMQ's I/O thread then wakes once for a batch of frames instead of once
+per frame, and spends a fifth of the CPU on each. The socket is an XPUB (apps see a PUB): it tells us when an
 app's SUB socket subscribes to its P2P topic. Until then, and while the app
 reads too slowly for ZeroMQ's high-water mark (``XPUB_NODROP`` makes libzmq
 refuse instead of dropping), its frames stay in its buffer and go out in
