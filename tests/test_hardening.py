@@ -27,6 +27,7 @@ from tests.support import (
     zmq_app_of,
 )
 from tests.test_zmq_app import INTEL, SIGHTING, intel
+from txthreatbus import logs
 from txthreatbus.config import Config, CurveConfig, ZmqAppConfig
 from txthreatbus.tap import bus_service
 
@@ -121,6 +122,22 @@ class BadInputTests(TestCase):
         dealer = self.manage(zmq.DEALER)
         dealer.send(json.dumps({"action": "subscribe", "topic": "threatbus"}).encode())
         await wait_for(lambda: self.metrics.dropped("manage_no_delimiter") == 1)
+        await assert_healthy(self, self.top, self.ctx)
+
+    async def test_flood_logged_once(self):
+        """A flood of malformed messages is counted in full and logged once, not once a message."""
+        events = []
+        logs.publisher.addObserver(events.append)
+        self.addCleanup(logs.publisher.removeObserver, events.append)
+        app = App.on(self.ctx, self.top)
+        await app.subscribe(self.ctx, "threatbus/intel")
+        await app.wait_connected(self.top)
+        await publish_until_seen(app, "threatbus/intel", INTEL, [app])
+        for _ in range(500):
+            app.publish("threatbus/intel", b'{"ts": 1}')
+        await wait_for(lambda: self.metrics.dropped("malformed") == 500, what="500 drops counted")
+        dropped = [e for e in events if e.get("log_format", "").startswith("Dropped a malformed")]
+        self.assertEqual(len(dropped), 1)
         await assert_healthy(self, self.top, self.ctx)
 
     async def test_requests_in_flight(self):

@@ -8,7 +8,8 @@ from __future__ import annotations
 import os
 
 from twisted.application.service import IService
-from twisted.logger import Logger, LogLevel, LogPublisher, globalLogPublisher
+from twisted.internet.task import Clock
+from twisted.logger import Logger, LogLevel, LogPublisher, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
@@ -191,3 +192,46 @@ class LoggingServiceTests(SynchronousTestCase):
         [event] = self.events
         self.assertEqual(event["log_level"], LogLevel.critical)
         self.assertTrue(event["log_failure"].check(ZeroDivisionError))
+
+
+class ThrottleTests(SynchronousTestCase):
+    """A flood of one kind of event is logged once an interval, with a count of the rest."""
+
+    def setUp(self):
+        self.clock = Clock()
+        self.events = []
+        self.log = Logger(namespace="txthreatbus.test", observer=self.events.append)
+        self.throttle = logs.Throttle(self.clock, interval=10)
+
+    def texts(self):
+        return [formatEvent(e) for e in self.events]
+
+    def test_first_logged(self):
+        """The first event of a key is logged as it is, with its fields."""
+        self.throttle("malformed", self.log.warn, "Dropped {what}", what="x")
+        self.assertEqual(self.texts(), ["Dropped x"])
+        self.assertEqual(self.events[0]["log_level"], LogLevel.warn)
+
+    def test_flood_counted(self):
+        """Events within the interval are held back, and the next one logged counts them."""
+        for i in range(1000):
+            self.throttle("malformed", self.log.warn, "Dropped {i}", i=i)
+        self.assertEqual(self.texts(), ["Dropped 0"])
+        self.clock.advance(9.9)
+        self.throttle("malformed", self.log.warn, "Dropped {i}", i=1000)
+        self.assertEqual(len(self.events), 1)
+        self.clock.advance(0.1)
+        self.throttle("malformed", self.log.warn, "Dropped {i}", i=1001)
+        self.assertEqual(
+            self.texts()[1], "Dropped 1001 (1000 more like it in the last 10 s were counted, not logged)"
+        )
+        self.clock.advance(10)
+        self.throttle("malformed", self.log.warn, "Dropped {i}", i=1002)
+        self.assertEqual(self.texts()[2], "Dropped 1002")
+
+    def test_keys_apart(self):
+        """Each key has its own interval."""
+        self.throttle("a", self.log.info, "event {k}", k="a")
+        self.throttle("b", self.log.info, "event {k}", k="b")
+        self.throttle("a", self.log.info, "event {k}", k="a")
+        self.assertEqual(self.texts(), ["event a", "event b"])

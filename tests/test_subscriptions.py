@@ -317,7 +317,9 @@ class HandlerTests(SynchronousTestCase):
 
     def setUp(self):
         self.world = World(limit=50_000)
-        self.handler = ManagementHandler(self.world.subscriptions, {"pub_port": 1}, self.world.metrics)
+        self.handler = ManagementHandler(
+            self.world.subscriptions, {"pub_port": 1}, self.world.metrics, self.world.clock
+        )
 
     def status(self, frames):
         reply = self.handler.handle(frames)
@@ -349,7 +351,7 @@ class HandlerTests(SynchronousTestCase):
     def test_max_subscriptions(self):
         """Past max_subscriptions, subscribe answers error and counts why."""
         world = World(limit=1)
-        handler = ManagementHandler(world.subscriptions, {}, world.metrics)
+        handler = ManagementHandler(world.subscriptions, {}, world.metrics, world.clock)
         request = [json.dumps({"action": "subscribe", "topic": "threatbus"}).encode()]
         self.assertEqual(handler.handle(request)["status"], "success")
         self.assertEqual(handler.handle(request), {"status": "error"})

@@ -71,3 +71,30 @@ class LoggingService(Service):
             self._file = None
         self._publisher.addObserver(self._destination)
         return super().stopService()
+
+
+class Throttle:
+    """
+    Logs the events of one kind at most once every ``interval`` seconds:
+    for what a flood of bad input would otherwise repeat, once per message.
+    The first event of each key is logged; those that follow within the
+    interval are only counted, and the next event logged says how many.
+    """
+
+    def __init__(self, clock, interval: float = 10.0):
+        self._clock = clock
+        self._interval = interval
+        self._quiet_until = {}  # key -> when the next event may be logged
+        self._held = {}  # key -> events not logged since the last one
+
+    def __call__(self, key, emit, format: str, **fields) -> None:
+        """Log ``format`` with ``emit`` (e.g. ``log.warn``), unless ``key`` was just logged."""
+        now = self._clock.seconds()
+        if now < self._quiet_until.get(key, now):
+            self._held[key] = self._held.get(key, 0) + 1
+            return
+        self._quiet_until[key] = now + self._interval
+        held = self._held.pop(key, 0)
+        if held:
+            format += " ({held} more like it in the last {interval} s were counted, not logged)"
+        emit(format, held=held, interval=self._interval, **fields)

@@ -53,10 +53,11 @@ class ManagementHandler:
     @param endpoints: the endpoint fields of a subscribe reply.
     """
 
-    def __init__(self, subscriptions, endpoints: dict, metrics):
+    def __init__(self, subscriptions, endpoints: dict, metrics, clock):
         self._subscriptions = subscriptions
         self._endpoints = endpoints
         self._metrics = metrics
+        self._throttle = logs.Throttle(clock)
 
     def handle(self, frames: Sequence[bytes]) -> dict:
         """The reply to a request of ``frames``."""
@@ -90,9 +91,12 @@ class ManagementHandler:
         if not snapshot_types(topic):
             return self._error("a subscription to unknown topic {topic!r}", topic=topic)
         if self._subscriptions.full():
-            log.warn(
+            self._throttle(
+                "max_subscriptions",
+                log.warn,
                 "Refused a subscription to {topic}: {n} apps are subscribed, the most allowed",
-                topic=topic, n=len(self._subscriptions),
+                topic=topic,
+                n=len(self._subscriptions),
             )
             self._metrics.drop("max_subscriptions")
             return ERROR
@@ -101,7 +105,7 @@ class ManagementHandler:
 
     def _error(self, what: str, **fields) -> dict:
         self._metrics.drop("manage_error")
-        log.info("Answered error to " + what, **fields)
+        self._throttle(what, log.info, "Answered error to " + what, **fields)
         return ERROR
 
 
@@ -115,9 +119,10 @@ class ManageConnection(BatchedReadConnection):
 
     socketType = zmq.ROUTER
 
-    def __init__(self, factory, handle, metrics, max_message_size: int):
+    def __init__(self, factory, handle, metrics, clock, max_message_size: int):
         self._handle = handle
         self._metrics = metrics
+        self._throttle = logs.Throttle(clock)
         BatchedReadConnection.__init__(self, factory)
         self.socket.setsockopt(zmq.MAXMSGSIZE, max_message_size)
 
@@ -127,7 +132,9 @@ class ManageConnection(BatchedReadConnection):
             delimiter = message.index(b"", 1)
         except ValueError:
             self._metrics.drop("manage_no_delimiter")
-            log.info("Dropped a management message without an empty delimiter frame")
+            self._throttle(
+                "no_delimiter", log.info, "Dropped a management message without an empty delimiter frame"
+            )
             return
         reply = json.dumps(self._handle(message[delimiter + 1 :])).encode()
         # A ROUTER drops, never blocks, what an app's full queue cannot take.

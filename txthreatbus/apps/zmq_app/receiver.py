@@ -2,7 +2,8 @@
 The SUB side: what apps publish, one frame ``<topic> <json>`` each.
 
 Every frame is decoded and validated before it reaches the bus. Anything
-malformed is dropped, counted by reason and logged, and the receiver goes on.
+malformed is dropped, counted by reason and logged (a flood of it at most
+once every 10 s a reason), and the receiver goes on.
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ class ReceiverConnection(BatchedReadConnection):
 
     socketType = zmq.SUB
 
-    def __init__(self, factory, publish, metrics, receive_hwm: int, max_message_size: int):
+    def __init__(self, factory, publish, metrics, clock, receive_hwm: int, max_message_size: int):
         self._publish = publish
         self._metrics = metrics
+        self._throttle = logs.Throttle(clock)
         BatchedReadConnection.__init__(self, factory)
         self.socket.setsockopt(zmq.RCVHWM, receive_hwm)
         self.socket.setsockopt(zmq.MAXMSGSIZE, max_message_size)
@@ -50,4 +52,4 @@ class ReceiverConnection(BatchedReadConnection):
 
     def _drop(self, reason: str, what: str, **fields):
         self._metrics.drop(reason)
-        log.warn("Dropped " + what + " from an app", **fields)
+        self._throttle(reason, log.warn, "Dropped " + what + " from an app", **fields)

@@ -60,6 +60,7 @@ class ZmqAppService(MultiService):
         self.config = config
         self._bus = bus
         self._metrics = bus.metrics
+        self._clock = clock
         self._factory = None
         self.publisher = Publisher(clock, bus.metrics, config.buffer_size)
         self.subscriptions = Subscriptions(
@@ -116,7 +117,12 @@ class ZmqAppService(MultiService):
 
     def _open_receiver(self):
         connection = ReceiverConnection(
-            self._zmq(), self._bus.publish, self._metrics, RECEIVE_HWM, self.config.max_message_size
+            self._zmq(),
+            self._bus.publish,
+            self._metrics,
+            self._clock,
+            RECEIVE_HWM,
+            self.config.max_message_size,
         )
         port = self._bind(connection, "sub")
         DisconnectMonitor(self._zmq(), connection, "sub", self._metrics, LogLevel.info)
@@ -134,9 +140,10 @@ class ZmqAppService(MultiService):
                 "sub_port": sub,
             },
             self._metrics,
+            self._clock,
         )
         connection = ManageConnection(
-            self._zmq(), handler.handle, self._metrics, self.config.max_message_size
+            self._zmq(), handler.handle, self._metrics, self._clock, self.config.max_message_size
         )
         port = self._bind(connection, "manage")
         # request-reply clients come and go: their leaving is no news
