@@ -520,6 +520,21 @@ class PropertyTests(SynchronousTestCase):
             self.assertEqual(codec.decode(message.topic, codec.encode(decoded)), decoded)
             self.assertEqual(json.loads(codec.encode(decoded)), codec.unstructure(decoded))
 
+    @settings(max_examples=500, deadline=None)
+    @given(
+        ts=st.datetimes(timezones=st.none() | st.timezones()),
+        sep=st.sampled_from([" ", "T"]),
+        timespec=st.sampled_from(["auto", "hours", "minutes", "seconds", "milliseconds", "microseconds"]),
+        zero_micro=st.booleans(),
+    )
+    def test_ts_encoding(self, ts, sep, timespec, zero_micro):
+        """is_ts_encoding says, of any ISO text and the time parsed from it, whether the text is str(time)."""
+        if zero_micro:
+            ts = ts.replace(microsecond=0)
+        raw = ts.isoformat(sep, timespec=timespec)
+        parsed = datetime.fromisoformat(raw)
+        self.assertEqual(codec.is_ts_encoding(raw, parsed), raw == str(parsed))
+
     @settings(max_examples=300, deadline=None)
     @given(
         message=st.one_of(intels, sightings),
