@@ -1,8 +1,9 @@
 """
 txZMQ connections that the bus and the client both use.
 
-``BatchedReadConnection`` reads a receive-only socket a bounded batch per
-reactor turn, so that a flood on it cannot starve the other sockets.
+``BatchedReadConnection`` reads a socket a bounded batch per reactor turn,
+so that a flood on it cannot starve the other sockets (a receive-only SUB,
+or a ROUTER that answers each request as it reads it).
 ``XPubConnection`` is a PUB socket to its peers that reports their
 subscriptions and refuses (``zmq.Again``) instead of dropping when full.
 """
@@ -19,15 +20,19 @@ log = Logger(observer=logs.publisher)
 
 
 class BatchedReadConnection(ZmqConnection):
-    """A receive-only socket, read at most ``batch`` messages a reactor turn."""
+    """
+    A socket read at most ``batch`` messages a reactor turn; it sends only
+    from ``messageReceived``, if at all.
+    """
 
     batch = 500
 
     def doRead(self):
-        # The socket only receives: reading until EAGAIN re-arms ZeroMQ's
-        # edge-triggered descriptor, so txZMQ's per-message ZMQ_EVENTS check
-        # and logging context are not needed. After ``batch`` messages the
-        # rest is read on the next turn, which we schedule ourselves.
+        # Reading until EAGAIN re-arms ZeroMQ's edge-triggered descriptor,
+        # whatever messageReceived sent meanwhile, so txZMQ's per-message
+        # ZMQ_EVENTS check and logging context are not needed. After
+        # ``batch`` messages the rest is read on the next turn, which we
+        # schedule ourselves.
         if self.read_scheduled is not None:
             if self.read_scheduled.active():
                 self.read_scheduled.cancel()
