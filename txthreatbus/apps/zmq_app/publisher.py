@@ -79,7 +79,7 @@ class Publisher:
     def _hold(self, sub, frame: bytes) -> None:
         if sub.pending is not None and len(sub.pending) >= self._buffer_size:
             # Full: send it all now if the app can take it, else drop the oldest.
-            if sub in self._refused or not self._sendable(sub) or not self._flush(sub):
+            if not (self._can_send(sub) and self._flush(sub)):
                 sub.pending.popleft()
                 self._metrics.drop("buffer_overflow")
                 if sub not in self._overflowing:
@@ -136,8 +136,13 @@ class Publisher:
         self._overflowing.discard(sub)
         return True
 
-    def _sendable(self, sub) -> bool:
-        return sub.pending is not None and (sub.ready or self._covered(sub))
+    def _can_send(self, sub) -> bool:
+        """Whether ``sub`` holds frames its app can take now, as far as we know."""
+        return (
+            sub.pending is not None
+            and sub not in self._refused
+            and (sub.ready or self._covered(sub))
+        )
 
     def _end_turn(self) -> None:
         self._turn = None
@@ -147,14 +152,14 @@ class Publisher:
         due, self._due = self._due, {}
         self._due_frames = 0
         for sub in due:
-            if sub not in self._refused and self._sendable(sub):
+            if self._can_send(sub):
                 self._flush(sub)
 
     def _retry_refused(self) -> None:
         self._retry = None
         refused, self._refused = self._refused, set()
         for sub in refused:
-            if self._sendable(sub):
+            if self._can_send(sub):
                 self._flush(sub)
 
     def stop(self) -> None:
