@@ -689,6 +689,14 @@ class LiveClientTests(TestCase):
         await app.wait_connected(top)
         return app
 
+    async def client_subscription(self, top, consumer):
+        """A client's subscription to threatbus/intel, once the bus sees its SUB socket."""
+        client = self.make_client(zmq_app_of(top).ports["manage"])
+        sub = await client.subscribe("threatbus/intel", 0, consumer)
+        subscriptions = zmq_app_of(top).subscriptions
+        await wait_for(lambda: subscriptions.get(sub.p2p).ready, what="the client's SUB socket")
+        return sub
+
     async def test_transport_provides_interfaces(self):
         """ZmqTransport and its sockets provide the client's interfaces."""
         transport = ZmqTransport(linger=0)
@@ -702,13 +710,8 @@ class LiveClientTests(TestCase):
         """A subscription receives what another app publishes, as model objects."""
         top = start_bus(self)
         received = []
-        client = self.make_client(zmq_app_of(top).ports["manage"])
-        sub = await client.subscribe("threatbus/intel", 0, received.append)
-        subscriptions = zmq_app_of(top).subscriptions
-        await wait_for(lambda: subscriptions.get(sub.p2p).ready, what="the client's SUB socket")
-        ctx = Context(self)
-        app = App.on(ctx, top)
-        await app.subscribe(ctx, "threatbus/intel")
+        await self.client_subscription(top, received.append)
+        app = await self.app(top)
         await publish_until_seen(app, "threatbus/intel", codec.encode(INTEL), [app])
         await wait_for(lambda: received, what="the client to receive")
         self.assertEqual(received[0], INTEL)
@@ -718,10 +721,7 @@ class LiveClientTests(TestCase):
         self.patch(SubscriberConnection, "batch", 10)
         top = start_bus(self)
         received = []
-        client = self.make_client(zmq_app_of(top).ports["manage"])
-        sub = await client.subscribe("threatbus/intel", 0, received.append)
-        subscriptions = zmq_app_of(top).subscriptions
-        await wait_for(lambda: subscriptions.get(sub.p2p).ready, what="the client's SUB socket")
+        await self.client_subscription(top, received.append)
         app = await self.app(top)
         await publish_until_seen(app, "threatbus/intel", codec.encode(INTEL), [app])
         ids = [f"flood-{i}" for i in range(500)]
@@ -751,16 +751,13 @@ class LiveClientTests(TestCase):
     async def test_answer_snapshot(self):
         """A client answers another app's snapshot request; only that app gets the items."""
         top = start_bus(self)
-        client = self.make_client(zmq_app_of(top).ports["manage"])
         subs = []
 
         def serve(message):
             if isinstance(message, SnapshotRequest) and message.snapshot_type is MessageType.INTEL:
                 subs[0].answer_snapshot(message, [INTEL])
 
-        subs.append(await client.subscribe("threatbus/intel", 0, serve))
-        subscriptions = zmq_app_of(top).subscriptions
-        await wait_for(lambda: subscriptions.get(subs[0].p2p).ready, what="the client's SUB socket")
+        subs.append(await self.client_subscription(top, serve))
         requester = await self.app(top, "threatbus/intel", snapshot=1)
         ((suffix, body),) = await requester.receive(1)
         self.assertEqual((suffix, codec.structure(Intel, body)), ("intel", INTEL))
