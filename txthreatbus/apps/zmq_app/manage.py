@@ -28,6 +28,10 @@ UNKNOWN = {"status": "unknown request"}
 
 _ACTIONS = ("subscribe", "unsubscribe", "heartbeat")
 
+# Plain ints: combining pyzmq's flag enums costs a Python call each time.
+_NOBLOCK = int(zmq.NOBLOCK)
+_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
+
 
 def snapshot_days(value) -> Optional[int]:
     """The whole number of days >= 0 in ``value`` (an int, or an int string)."""
@@ -142,8 +146,3 @@ class ManageConnection(BatchedReadConnection):
         for frame in message[: delimiter + 1]:
             send(frame, _MORE)
         send(reply, _NOBLOCK)
-
-
-# Plain ints: combining pyzmq's flag enums costs a Python call each time.
-_NOBLOCK = int(zmq.NOBLOCK)
-_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
