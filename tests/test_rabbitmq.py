@@ -44,6 +44,7 @@ from txthreatbus.backbones import rabbitmq
 from txthreatbus.backbones.rabbitmq import (
     CONNECT_TIMEOUT,
     DRAIN_TIMEOUT,
+    MESSAGE_OVERHEAD,
     NACK_RETRY_DELAY,
     TYPES,
     DedupWindow,
@@ -51,7 +52,14 @@ from txthreatbus.backbones.rabbitmq import (
     diagnose,
     queue_arguments,
 )
-from txthreatbus.config import Config, QueueConfig, RabbitMQConfig, ZmqAppConfig
+from txthreatbus.config import (
+    Config,
+    ConfigError,
+    QueueConfig,
+    RabbitMQConfig,
+    ZmqAppConfig,
+    parse,
+)
 from txthreatbus.interfaces import IBackbone
 from txthreatbus.metrics import Metrics
 from txthreatbus.model import Intel, IntelData, IntelType, Operation, Sighting
@@ -70,6 +78,21 @@ def intel(id: str) -> Intel:
         data=IntelData(indicator=("example.com",), intel_type=IntelType.DOMAIN),
         operation=Operation.ADD,
     )
+
+
+def big_intel(id: str, size: int = 1 << 20) -> Intel:
+    """Intel whose encoding is a little over ``size`` bytes."""
+    return Intel(
+        ts=datetime(2020, 11, 26, 14, 46, 52, 123456),
+        id=id,
+        data=IntelData(indicator=("x" * size + ".example",), intel_type=IntelType.DOMAIN),
+        operation=Operation.ADD,
+    )
+
+
+def held(message) -> int:
+    """What holding ``message`` counts against buffer_bytes."""
+    return len(codec.encode(message)) + MESSAGE_OVERHEAD
 
 
 def intel_json(id: str) -> dict:
@@ -350,7 +373,7 @@ class PublishTests(SynchronousTestCase):
     def test_buffers_while_disconnected_and_drops_oldest(self):
         """While disconnected, messages wait in a bounded buffer; overflow drops the oldest."""
         events = capture_logs(self)
-        h = Harness(self, buffer_size=3)
+        h = Harness(self, buffer_bytes=3 * held(intel("i-0")))
         h.backbone.startService()
         for i in range(5):
             h.backbone.publish(intel(f"i-{i}"))
@@ -363,7 +386,8 @@ class PublishTests(SynchronousTestCase):
 
     def test_window_of_unconfirmed(self):
         """At most a window of messages is unconfirmed; the rest are sent as confirms come."""
-        h = Harness(self, buffer_size=5)
+        self.patch(rabbitmq, "MAX_IN_FLIGHT", 5)
+        h = Harness(self)
         fake = h.start_up()
         for i in range(8):
             h.backbone.publish(intel(f"i-{i}"))
@@ -448,6 +472,115 @@ class PublishTests(SynchronousTestCase):
         self.assertEqual(h.metrics.dropped("backbone_stopped"), 1)
 
 
+class BufferTests(SynchronousTestCase):
+    """The outgoing buffer: bounded in bytes, whatever the size of the messages."""
+
+    def test_large_messages_count_by_size(self):
+        """A few 1 MB messages fill a 2.5 MB buffer that holds hundreds of small ones."""
+        h = Harness(self, buffer_bytes=5 << 19)  # 2.5 MiB
+        h.backbone.startService()
+        for i in range(300):
+            h.backbone.publish(intel(f"i-{i}"))
+        self.assertEqual(h.metrics.dropped("backbone_buffer_overflow"), 0)
+        self.assertEqual(h.backbone.pending_bytes, sum(held(intel(f"i-{i}")) for i in range(300)))
+        for i in range(3):
+            h.backbone.publish(big_intel(f"big-{i}"))
+        # the 300 small ones and the first big one went, oldest first
+        self.assertEqual(h.metrics.dropped("backbone_buffer_overflow"), 301)
+        self.assertEqual(h.backbone.pending, 2)
+        self.assertEqual(h.backbone.pending_bytes, 2 * held(big_intel("big-1")))
+        fake = h.up()
+        self.assertEqual(fake.publisher.bodies(), ["big-1", "big-2"])
+
+    def test_in_flight_counts(self):
+        """Unconfirmed messages count against the bound; overflow drops the oldest not yet sent."""
+        self.patch(rabbitmq, "MAX_IN_FLIGHT", 1)
+        h = Harness(self, buffer_bytes=5 << 19)
+        fake = h.start_up()
+        for i in range(3):
+            h.backbone.publish(big_intel(f"big-{i}"))
+        self.assertEqual(fake.publisher.bodies(), ["big-0"])  # in flight, kept
+        self.assertEqual(h.metrics.dropped("backbone_buffer_overflow"), 1)  # big-1
+        fake.publisher.confirm()
+        self.assertEqual(fake.publisher.bodies(), ["big-0", "big-2"])
+        fake.publisher.confirm()
+        self.assertEqual((h.backbone.pending, h.backbone.pending_bytes), (0, 0))
+
+    def test_larger_than_the_buffer(self):
+        """A message larger than the whole buffer is dropped at once and counted."""
+        h = Harness(self, buffer_bytes=1 << 20)
+        fake = h.start_up()
+        h.backbone.publish(big_intel("big"))
+        h.backbone.publish(intel("i-0"))
+        self.assertEqual(h.metrics.dropped("backbone_buffer_overflow"), 1)
+        self.assertEqual(fake.publisher.bodies(), ["i-0"])
+
+    def test_resent_and_nacked_keep_their_bytes(self):
+        """Messages re-sent after a lost connection or a nack are counted once, never dropped."""
+        h = Harness(self, buffer_bytes=3 * held(intel("i-0")))
+        first = h.start_up()
+        for i in range(3):
+            h.backbone.publish(intel(f"i-{i}"))
+        first.publisher.published[0][3].errback(amqp.NackError([]))
+        first.connection.drop(error.ConnectionLost())
+        h.clock.advance(NACK_RETRY_DELAY)
+        self.assertEqual(h.backbone.pending_bytes, 3 * held(intel("i-0")))
+        second = h.up()
+        second.publisher.confirm()
+        self.assertEqual(second.publisher.bodies(), ["i-0", "i-1", "i-2"])
+        self.assertEqual(h.metrics.dropped("backbone_buffer_overflow"), 0)
+        self.assertEqual(h.backbone.pending_bytes, 0)
+
+    def test_overflow_warning_throttled(self):
+        """A long overflow logs one warning per 10 s, the next one counting the rest."""
+        events = capture_logs(self)
+        size = held(intel("i-0000"))
+        h = Harness(self, buffer_bytes=size)  # one message
+        h.backbone.startService()
+        for i in range(1000):
+            h.backbone.publish(intel(f"i-{i:04}"))
+        h.clock.advance(10)
+        h.backbone.publish(intel("i-last"))
+        self.assertEqual(h.metrics.dropped("backbone_buffer_overflow"), 1000)
+        first, second = [w for w in logged(events, LogLevel.warn) if "buffer is full" in w]
+        self.assertIn(f"buffer is full ({size} bytes of messages", first)
+        self.assertIn("998 more like it in the last 10.0 s", second)
+
+    def test_stopped_empty(self):
+        """Stopping with messages held leaves the buffer empty, its bytes counted unsent."""
+        h = Harness(self)
+        h.backbone.startService()
+        h.backbone.publish(big_intel("big"))
+        self.successResultOf(h.backbone.stopService())
+        self.assertEqual((h.backbone.pending, h.backbone.pending_bytes), (0, 0))
+        self.assertEqual(h.metrics.dropped("backbone_unsent"), 1)
+
+
+class ConfigTests(SynchronousTestCase):
+    """The backbone's buffer_bytes option."""
+
+    def test_default(self):
+        """buffer_bytes is 64 MiB unless set."""
+        self.assertEqual(RabbitMQConfig().buffer_bytes, 67108864)
+        loaded = parse("plugins: {backbones: {rabbitmq: {buffer_bytes: 1048576}}}")
+        self.assertEqual(loaded.backbone.buffer_bytes, 1 << 20)
+
+    def test_refused(self):
+        """A buffer_bytes that is not a whole number > 0 is refused, naming the key."""
+        for bad in ("0", "-1", "1.5", "true", "64MiB", "null"):
+            e = self.assertRaises(
+                ConfigError, parse, f"plugins: {{backbones: {{rabbitmq: {{buffer_bytes: {bad}}}}}}}"
+            )
+            self.assertIn("plugins.backbones.rabbitmq.buffer_bytes: must be a whole number > 0", str(e))
+
+    def test_buffer_size_gone(self):
+        """The message-count buffer_size option is gone: setting it is an unknown key."""
+        e = self.assertRaises(
+            ConfigError, parse, "plugins: {backbones: {rabbitmq: {buffer_size: 10}}}"
+        )
+        self.assertIn("plugins.backbones.rabbitmq.buffer_size: unknown key", str(e))
+
+
 class ConnectionTests(SynchronousTestCase):
     """Connecting, failing to connect, and reconnecting with backoff."""
 
@@ -487,6 +620,19 @@ class ConnectionTests(SynchronousTestCase):
         h.clock.advance(1.0)
         h.up()
         self.assertEqual(backbone_sample(h.metrics, "reconnects"), 1)
+
+    def test_flapping_connection_logs_throttled(self):
+        """A broker that drops every connection at once: one warning and one info per 10 s."""
+        events = capture_logs(self)
+        h = Harness(self)
+        fake = h.start_up()
+        for _ in range(20):
+            fake.connection.drop(error.ConnectionLost())
+            h.clock.advance(rabbitmq.FIRST_RETRY_DELAY)
+            fake = h.up()
+        self.assertEqual(backbone_sample(h.metrics, "reconnects"), 20)
+        self.assertEqual(len([w for w in logged(events, LogLevel.warn) if "Lost" in w]), 1)
+        self.assertEqual(len([i for i in logged(events, LogLevel.info) if "Reconnected" in i]), 1)
 
     def test_backoff_reset_after_success(self):
         """After a successful reconnection the next retry waits the first delay again."""
@@ -560,7 +706,61 @@ class ConsumeTests(SynchronousTestCase):
         self.assertEqual([m.id for m in h.delivered], ["i-2"])
         self.assertEqual(fake.consumer.acked, [1, 2, 3])
         self.assertEqual(h.metrics.dropped("backbone_malformed"), 2)
-        self.assertEqual(len([w for w in logged(events, LogLevel.warn) if "malformed" in w]), 2)
+        [warning] = [w for w in logged(events, LogLevel.warn) if "malformed" in w]
+        self.assertIn("Dropped a malformed intel from RabbitMQ queue threatbus.intel.test", warning)
+
+    def test_malformed_flood_throttled(self):
+        """A flood of undecodable messages: every one counted, one log line per 10 s with a count."""
+        events = capture_logs(self)
+        h = Harness(self)
+        fake = h.start_up()
+        for tag in range(10_000):
+            fake.deliver("intel", tag, b"{not json", f"m-{tag}")
+        h.clock.advance(10)
+        fake.deliver("intel", 10_000, b"{not json", "m-last")
+        self.assertEqual(h.metrics.dropped("backbone_malformed"), 10_001)
+        self.assertEqual(len(fake.consumer.acked), 10_001)
+        first, second = logged(events, LogLevel.warn)
+        self.assertIn("Dropped a malformed intel from RabbitMQ", first)
+        self.assertIn("9999 more like it in the last 10.0 s were counted, not logged", second)
+
+    def test_malformed_counted_by_reason(self):
+        """An undecodable message is counted by its DecodeError's reason, each reason throttled."""
+        events = capture_logs(self)
+
+        class TooDeep(codec.DecodeError):
+            reason = "too_deep"
+
+            def __init__(self, text):
+                ValueError.__init__(self, text)
+
+        def decode(topic, body, decode=codec.decode):
+            if body == b"deep":
+                raise TooDeep("nested deeper than allowed")
+            return decode(topic, body)
+
+        self.patch(codec, "decode", decode)
+        h = Harness(self)
+        fake = h.start_up()
+        for tag in range(3):
+            fake.deliver("intel", tag, b"deep")
+            fake.deliver("intel", 10 + tag, b"{not json")
+        self.assertEqual(h.metrics.dropped("backbone_too_deep"), 3)
+        self.assertEqual(h.metrics.dropped("backbone_malformed"), 3)
+        warnings = logged(events, LogLevel.warn)
+        self.assertEqual(len(warnings), 2)
+        self.assertIn("nested deeper than allowed", warnings[0])
+
+    def test_repeats_logged_throttled(self):
+        """Repeats of one message id, at will, give one debug line per 10 s."""
+        events = capture_logs(self)
+        h = Harness(self)
+        fake = h.start_up()
+        body = codec.encode(intel("i-1"))
+        for tag in range(100):
+            fake.deliver("intel", tag, body, "m-1")
+        self.assertEqual(h.metrics.dropped("backbone_duplicate"), 99)
+        self.assertEqual(len([d for d in logged(events, LogLevel.debug) if "repeat" in d]), 1)
 
     def test_bus_failure_still_acks(self):
         """If the bus raises while taking a message, that is logged and the message acked."""

@@ -105,7 +105,7 @@ class RabbitMQConfig:
     naming_join_pattern: str = attrs.field(default=".", validator=string)
     queue: QueueConfig = section(QueueConfig)
     prefetch: int = attrs.field(default=1000, validator=positive_int)
-    buffer_size: int = attrs.field(default=100_000, validator=positive_int)
+    buffer_bytes: int = attrs.field(default=64 << 20, validator=positive_int)  # 64 MiB
     dedup_window: int = attrs.field(default=100_000, validator=positive_int)
     reconnect_max_delay: float = attrs.field(default=30.0, validator=positive_number)
 

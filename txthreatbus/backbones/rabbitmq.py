@@ -14,14 +14,22 @@ straight to the local bus.
 
 Durability: messages are persistent (delivery mode 2), each with a uuid4
 ``message_id``, published on a channel in confirm mode. A message stays ours
-until the broker confirms it: messages wait in a bounded buffer while the
-broker is away (overflow drops the oldest, counted), and what was sent but
-not confirmed when the connection dropped is sent again after reconnecting.
+until the broker confirms it, and what was sent but not confirmed when the
+connection dropped is sent again after reconnecting. What we hold (waiting
+for a connection, in flight, refused and waiting to go again) is bounded in
+bytes, ``buffer_bytes``: each message counts its JSON body plus
+``MESSAGE_OVERHEAD``; past the bound the oldest messages not yet sent are
+dropped, counted.
 The consumer takes at most ``prefetch`` messages at a time and acks each one
 after the bus has taken it (``deliver(message)`` returned). A message that
 comes again (a re-send after a lost confirm, a redelivery after a lost ack)
 is recognised by its ``message_id`` within the last ``dedup_window`` ids,
 acked and dropped.
+
+Logs: every line that the broker or a peer publishing through it can repeat
+at will (a bad message, a lost connection, a refusal) goes through a
+``logs.Throttle``: one line per kind every 10 s, the next one counting the
+rest.
 
 Start-up: if the very first connection fails (broker unreachable, refused
 credentials or vhost, queues declared with other options), the backbone logs
@@ -75,8 +83,12 @@ CONNECT_TIMEOUT = 15.0
 #: Seconds before the first reconnection attempt; each next one waits twice
 #: as long, up to ``reconnect_max_delay``.
 FIRST_RETRY_DELAY = 0.25
-#: Messages sent but not yet confirmed, at most.
+#: Messages sent but not yet confirmed, at most (their bytes count against
+#: ``buffer_bytes`` like the rest).
 MAX_IN_FLIGHT = 1000
+#: Bytes a held message takes besides its body, as ``buffer_bytes`` counts:
+#: its properties, uuid and bookkeeping (measured: about 420 bytes).
+MESSAGE_OVERHEAD = 512
 #: Seconds before re-sending messages that the broker refused (nack).
 NACK_RETRY_DELAY = 1.0
 #: Seconds that stopping waits for the broker to confirm what we hold.
@@ -145,6 +157,11 @@ class _Outgoing:
     exchange: str
     body: bytes
     properties: pika.BasicProperties
+
+    @property
+    def size(self) -> int:
+        """The bytes that holding it counts against ``buffer_bytes``."""
+        return len(self.body) + MESSAGE_OVERHEAD
 
 
 @attrs.define(eq=False)
@@ -298,12 +315,13 @@ class RabbitMQBackbone(Service):
         self._consumed = metrics.backbone_consumed.labels(LABEL)
         self._reconnects = metrics.backbone_reconnects.labels(LABEL)
         self._first_delay = min(FIRST_RETRY_DELAY, config.reconnect_max_delay)
-        self._window = min(MAX_IN_FLIGHT, config.buffer_size)
         self._dedup = DedupWindow(config.dedup_window)
         self._deliver = None
+        self._throttle = logs.Throttle(clock)
         #: Messages not yet sent on the current connection, oldest first.
         self._waiting: deque = deque()
-        self._overflowing = False
+        #: The sizes of every message held (waiting, in flight, nacked).
+        self._held_bytes = 0
         self._pumping = False
         #: Messages the broker refused (nack), to be sent again after a pause.
         self._nacked: List[_Outgoing] = []
@@ -331,6 +349,11 @@ class RabbitMQBackbone(Service):
         unconfirmed = len(session.unconfirmed) if session is not None else 0
         return len(self._waiting) + len(self._nacked) + unconfirmed
 
+    @property
+    def pending_bytes(self) -> int:
+        """What the messages counted by ``pending`` count against ``buffer_bytes``."""
+        return self._held_bytes
+
     # --- IBackbone
 
     def attach(self, deliver) -> None:
@@ -342,7 +365,12 @@ class RabbitMQBackbone(Service):
             raise TypeError(f"not a message: {message!r}")
         if self._stopping:
             self.metrics.drop("backbone_stopped")
-            log.debug("Dropped a {kind} published after the RabbitMQ backbone stopped", kind=kind)
+            self._throttle(
+                "stopped",
+                log.debug,
+                "Dropped a {kind} published after the RabbitMQ backbone stopped",
+                kind=kind,
+            )
             return
         properties = pika.BasicProperties(
             content_type="application/json",
@@ -356,30 +384,34 @@ class RabbitMQBackbone(Service):
     # --- outgoing
 
     def _hold(self, item: _Outgoing) -> None:
-        if len(self._waiting) >= self.config.buffer_size:
-            self._waiting.popleft()
-            self._overflow(1)
+        """Keep ``item`` until the broker confirms it, within ``buffer_bytes``."""
         self._waiting.append(item)
+        self._held_bytes += item.size
+        if self._held_bytes > self.config.buffer_bytes:
+            self._overflow()
 
     def _requeue(self, items: List[_Outgoing]) -> None:
-        """Put ``items`` (oldest first) back before everything waiting."""
+        """Put ``items`` (oldest first, already held) back before everything waiting."""
         self._waiting.extendleft(reversed(items))
-        excess = len(self._waiting) - self.config.buffer_size
-        if excess > 0:
-            for _ in range(excess):
-                self._waiting.popleft()
-            self._overflow(excess)
 
-    def _overflow(self, count: int) -> None:
-        self.metrics.drop("backbone_buffer_overflow", count)
-        if not self._overflowing:
-            self._overflowing = True
-            log.warn(
-                "The RabbitMQ backbone's buffer is full ({size} messages that RabbitMQ at "
-                "{address} has not confirmed): dropping the oldest",
-                size=self.config.buffer_size,
-                address=self.address,
-            )
+    def _overflow(self) -> None:
+        """Drop the oldest messages not yet sent until what we hold fits ``buffer_bytes``."""
+        waiting, limit = self._waiting, self.config.buffer_bytes
+        dropped = 0
+        # messages in flight stay (the broker has them): at worst the new one goes
+        while self._held_bytes > limit and waiting:
+            self._held_bytes -= waiting.popleft().size
+            dropped += 1
+        self.metrics.drop("backbone_buffer_overflow", dropped)
+        self._throttle(
+            "buffer_overflow",
+            log.warn,
+            "The RabbitMQ backbone's buffer is full ({limit} bytes of messages that RabbitMQ at "
+            "{address} has not confirmed): dropped the oldest {n}",
+            limit=limit,
+            address=self.address,
+            n=dropped,
+        )
 
     def _pump(self) -> None:
         """Send what waits, as far as the window of unconfirmed messages allows."""
@@ -389,7 +421,7 @@ class RabbitMQBackbone(Service):
         self._pumping = True
         try:
             waiting, unconfirmed = self._waiting, session.unconfirmed
-            while waiting and len(unconfirmed) < self._window and not session.lost:
+            while waiting and len(unconfirmed) < MAX_IN_FLIGHT and not session.lost:
                 item = waiting.popleft()
                 unconfirmed[item] = None
                 try:
@@ -408,12 +440,11 @@ class RabbitMQBackbone(Service):
                 d.addErrback(self._bug, "handling a publisher confirm")
         finally:
             self._pumping = False
-        if not self._waiting:
-            self._overflowing = False
 
     def _confirmed(self, _result, session: _Session, item: _Outgoing) -> None:
         if session.unconfirmed.pop(item, _GONE) is _GONE:
             return
+        self._held_bytes -= item.size
         if self._waiting:
             self._pump()
         self._check_drained()
@@ -425,7 +456,9 @@ class RabbitMQBackbone(Service):
             return
         if session.unconfirmed.pop(item, _GONE) is _GONE:
             return
-        log.debug("RabbitMQ refused (nack) message {id}", id=item.properties.message_id)
+        self._throttle(
+            "nack", log.debug, "RabbitMQ refused (nack) message {id}", id=item.properties.message_id
+        )
         self._nacked.append(item)
         if self._nack_retry is None:
             self._nack_retry = self._clock.callLater(NACK_RETRY_DELAY, self._resend_nacked)
@@ -433,7 +466,9 @@ class RabbitMQBackbone(Service):
     def _resend_nacked(self) -> None:
         self._nack_retry = None
         nacked, self._nacked = self._nacked, []
-        log.warn(
+        self._throttle(
+            "nack_resend",
+            log.warn,
             "RabbitMQ at {address} refused {n} messages (nack): sending them again",
             address=self.address,
             n=len(nacked),
@@ -465,29 +500,43 @@ class RabbitMQBackbone(Service):
         message_id = received.properties.message_id
         if message_id is not None and self._dedup.seen(message_id):
             self.metrics.drop("backbone_duplicate")
-            log.debug("Dropped a repeat of message {id} from RabbitMQ", id=message_id)
+            self._throttle(
+                "duplicate",
+                log.debug,
+                "Dropped a repeat of message {id} from RabbitMQ",
+                id=message_id,
+            )
         else:
             try:
                 message = codec.decode(topic, received.body)
             except codec.DecodeError as e:
-                self.metrics.drop("backbone_malformed")
-                log.warn(
+                # backbone_malformed, backbone_duplicate_key, backbone_too_deep
+                reason = "backbone_" + (getattr(e, "reason", None) or "malformed")
+                self.metrics.drop(reason)
+                self._throttle(
+                    reason,
+                    log.warn,
                     "Dropped a malformed {kind} from RabbitMQ queue {queue}: {error}",
                     kind=kind,
                     queue=self.queues[kind],
-                    error=str(e),
+                    error=str(e)[:200],  # it may quote the input
                 )
             else:
                 self._consumed.inc()
                 try:
                     self._deliver(message)
                 except Exception:
-                    log.failure("The bus failed to take a {kind} from RabbitMQ", kind=kind)
+                    self._throttle(
+                        "bus_failure",
+                        log.failure,
+                        "The bus failed to take a {kind} from RabbitMQ",
+                        kind=kind,
+                    )
         try:
             received.channel.basic_ack(delivery_tag=received.method.delivery_tag)
         except Exception as e:
             # The channel closed under us: the broker redelivers, dedup drops it.
-            log.debug("Could not ack a message: {e}", e=_describe(e))
+            self._throttle("ack", log.debug, "Could not ack a message: {e}", e=_describe(e))
 
     def _consumer_ended(self, failure: Failure, session: _Session) -> None:
         if not (session.lost or self._stopping):
@@ -547,7 +596,9 @@ class RabbitMQBackbone(Service):
         self._delay = self._first_delay
         if self._was_up:
             self._reconnects.inc()
-            log.info(
+            self._throttle(
+                "reconnected",
+                log.info,
                 "Reconnected to RabbitMQ at {address}; sending {n} waiting messages",
                 address=self.address,
                 n=len(self._waiting),
@@ -589,7 +640,13 @@ class RabbitMQBackbone(Service):
                 log.failure("Stopping after a failed start of the RabbitMQ backbone failed")
             return
         delay = self._schedule_reconnect()
-        log.warn("{reason}; next try in {delay:g} s", reason=reason, delay=delay)
+        self._throttle(
+            "reconnect_failed",
+            log.warn,
+            "{reason}; next try in {delay:g} s",
+            reason=reason,
+            delay=delay,
+        )
 
     def _schedule_reconnect(self) -> float:
         delay = self._delay
@@ -615,7 +672,9 @@ class RabbitMQBackbone(Service):
             self._check_drained()
             return
         delay = self._schedule_reconnect()
-        log.warn(
+        self._throttle(
+            "lost",
+            log.warn,
             "Lost the connection to RabbitMQ at {address} ({reason}); {n} outgoing messages "
             "wait in the buffer; reconnecting in {delay:g} s",
             address=self.address,
@@ -656,7 +715,13 @@ class RabbitMQBackbone(Service):
             pass
 
     def _bug(self, failure: Failure, what: str) -> None:
-        log.failure("RabbitMQ backbone: unexpected error {what}", failure, what=what)
+        self._throttle(
+            ("bug", what),
+            log.failure,
+            "RabbitMQ backbone: unexpected error {what}",
+            failure=failure,
+            what=what,
+        )
 
     # --- lifecycle
 
@@ -716,6 +781,7 @@ class RabbitMQBackbone(Service):
         self._cancel_timers()  # a nack while draining
         unsent = len(self._waiting)
         self._waiting.clear()
+        self._held_bytes = 0
         if unsent:
             self.metrics.drop("backbone_unsent", unsent)
             log.warn(
