@@ -6,6 +6,7 @@ encode back to the same JSON; malformed input only ever raises DecodeError.
 from __future__ import annotations
 
 import json
+import pickle
 from datetime import datetime, timedelta, timezone
 
 from hypothesis import given, settings
@@ -162,12 +163,13 @@ class EncodeTests(SynchronousTestCase):
 class DecodeErrorTests(SynchronousTestCase):
     """Malformed input raises DecodeError, with a message saying what is wrong."""
 
-    def assertDecodeError(self, topic, data, *fragments):
+    def assertDecodeError(self, topic, data, *fragments, reason="malformed"):
         if not isinstance(data, bytes):
             data = dumps(data)
         e = self.assertRaises(codec.DecodeError, codec.decode, topic, data)
         for fragment in fragments:
             self.assertIn(fragment, str(e))
+        self.assertEqual(e.reason, reason)
         return e
 
     def test_valid_bases(self):
@@ -183,6 +185,13 @@ class DecodeErrorTests(SynchronousTestCase):
     def test_is_value_error(self):
         """DecodeError is a ValueError."""
         self.assertTrue(issubclass(codec.DecodeError, ValueError))
+
+    def test_reason_default(self):
+        """A DecodeError made with a message alone has reason "malformed", and keeps it through pickling."""
+        e = codec.DecodeError("bad")
+        self.assertEqual((str(e), e.reason), ("bad", "malformed"))
+        e = pickle.loads(pickle.dumps(codec.DecodeError("deep", reason="too_deep")))
+        self.assertEqual((str(e), e.reason), ("deep", "too_deep"))
 
     def test_not_json(self):
         """Text that is not JSON."""
@@ -216,9 +225,9 @@ class DecodeErrorTests(SynchronousTestCase):
 
     def test_deeply_nested(self):
         """JSON nested too deeply for the parser."""
-        self.assertDecodeError("threatbus/intel", b"[" * 100000, "nested too deeply")
+        self.assertDecodeError("threatbus/intel", b"[" * 100000, "nested too deeply", reason="too_deep")
         nested = dumps(SIGHTING).replace(b'"VAST"', b"[" * 100000 + b"]" * 100000)
-        self.assertDecodeError("threatbus/sighting", nested, "nested too deeply")
+        self.assertDecodeError("threatbus/sighting", nested, "nested too deeply", reason="too_deep")
 
     def test_not_an_object(self):
         """A JSON value that is not an object."""
@@ -389,6 +398,158 @@ class DecodeErrorTests(SynchronousTestCase):
         """A topic that carries no message, including a false prefix."""
         for topic in ("threatbus/intelX", "threatbus", "threatbus/", "", "intel"):
             self.assertDecodeError(topic, dumps(INTEL), "unknown topic " + repr(topic))
+
+
+def refused(data, reason):
+    """The DecodeError that ``codec.loads(data)`` raises, if its reason is ``reason``."""
+    try:
+        codec.loads(data)
+    except codec.DecodeError as e:
+        if e.reason != reason:
+            raise
+        return e
+    raise AssertionError(f"decoded: {data[:60]!r}")
+
+
+class DuplicateKeyTests(SynchronousTestCase):
+    """A JSON object that names a key twice is refused, at any depth, with reason "duplicate_key"."""
+
+    def assertDuplicate(self, data, key):
+        e = refused(data, "duplicate_key")
+        self.assertIn(f"duplicate key {key!r}", str(e))
+
+    def test_top_level(self):
+        """Two operations at the top level, with different and with equal values."""
+        self.assertDuplicate(b'{"operation": "REMOVE", "operation": "ADD"}', "operation")
+        self.assertDuplicate(b'{"operation": "ADD", "operation": "ADD"}', "operation")
+
+    def test_nested_in_data(self):
+        """A duplicate in an intel's data, with different and with equal values."""
+        for second in (b"1", b"11"):
+            data = dumps(INTEL).replace(b'"intel_type": 11', b'"intel_type": 11, "intel_type": ' + second)
+            self.assertDuplicate(data, "intel_type")
+
+    def test_in_array(self):
+        """A duplicate in an object inside arrays, deep in the value."""
+        self.assertDuplicate(b'[1, [{"a": [], "b": {}}, {"x": null, "y": 0, "x": null}]]', "x")
+
+    def test_escaped_spelling(self):
+        """A key spelled once plainly and once with JSON escapes is the same key."""
+        self.assertDuplicate(b'{"a": 1, "\\u0061": 2}', "a")
+        self.assertDuplicate(b'{"\\u00e9": 1, "\xc3\xa9": 1}', "\u00e9")
+        self.assertDuplicate(b'{"a/b": 1, "a\\/b": 1}', "a/b")
+
+    def test_same_key_in_different_objects(self):
+        """One key in many objects, nested or side by side, is no duplicate."""
+        value = {"a": {"a": 1}, "b": [{"a": 1}, {"a": 2}], "c": {"b": {"a": {}}}}
+        self.assertEqual(codec.loads(dumps(value)), value)
+
+    def test_decode_intel(self):
+        """decode refuses a full intel with a duplicate key, and one in a snapshot envelope's body."""
+        data = dumps(INTEL).replace(b'"operation": "ADD"', b'"operation": "REMOVE", "operation": "ADD"')
+        e = self.assertRaises(codec.DecodeError, codec.decode, "threatbus/intel", data)
+        self.assertEqual((e.reason, str(e)), ("duplicate_key", "invalid JSON: duplicate key 'operation'"))
+        data = dumps(ENVELOPE).replace(b'"id": "intel-1"', b'"id": "intel-1", "id": "intel-2"')
+        e = self.assertRaises(codec.DecodeError, codec.decode, "threatbus/snapshotenvelope", data)
+        self.assertEqual(e.reason, "duplicate_key")
+
+
+def arrays(depth: int) -> bytes:
+    """Arrays nested ``depth`` deep."""
+    return b"[" * depth + b"]" * depth
+
+
+def objects(depth: int) -> bytes:
+    """Objects nested ``depth`` deep."""
+    return b'{"a": ' * (depth - 1) + b"{}" + b"}" * (depth - 1)
+
+
+def mixed(depth: int) -> bytes:
+    """Arrays and objects in turn, with siblings, nested ``depth`` deep."""
+    opening, closing = [], []
+    for level in range(depth - 1):
+        if level % 2:
+            opening.append(b'[1, "x", ')
+            closing.append(b"]")
+        else:
+            opening.append(b'{"k": 2, "v": ')
+            closing.append(b', "z": null}')
+    return b"".join(opening) + b"[]" + b"".join(reversed(closing))
+
+
+def depth(value) -> int:
+    """How deep ``value`` nests arrays and objects."""
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, list):
+        return 1 + max(map(depth, value), default=0)
+    return 0
+
+
+class DepthTests(SynchronousTestCase):
+    """Arrays and objects nest at most MAX_DEPTH deep; deeper is refused with reason "too_deep"."""
+
+    def test_max_depth(self):
+        """The limit is 64."""
+        self.assertEqual(codec.MAX_DEPTH, 64)
+
+    def test_at_limit(self):
+        """Arrays, objects and both mixed, exactly MAX_DEPTH deep, decode and encode again."""
+        for nest in (arrays, objects, mixed):
+            self.assertFalse(codec.is_too_deep(nest(codec.MAX_DEPTH).decode()), nest.__name__)
+            value = codec.loads(nest(codec.MAX_DEPTH))
+            self.assertEqual(depth(value), codec.MAX_DEPTH, nest.__name__)
+            self.assertEqual(json.loads(json.dumps(value)), value)
+
+    def test_over_limit(self):
+        """Arrays, objects and both mixed, one deeper than MAX_DEPTH, are refused."""
+        for nest in (arrays, objects, mixed):
+            self.assertTrue(codec.is_too_deep(nest(codec.MAX_DEPTH + 1).decode()), nest.__name__)
+            e = refused(nest(codec.MAX_DEPTH + 1), "too_deep")
+            self.assertEqual(str(e), "JSON nested too deeply: more than 64 levels")
+
+    def test_far_over_limit(self):
+        """100,000 deep, closed or not, is refused before parsing (no RecursionError)."""
+        for data in (arrays(100000), b"[" * 100000, objects(100000), b'{"a":' * 100000, mixed(100000)):
+            self.assertIn("more than 64 levels", str(refused(data, "too_deep")))
+        self.assertIn("more than 64 levels", str(refused(b"[{" * 50000, "too_deep")))
+
+    def test_unclosed(self):
+        """Left open, MAX_DEPTH deep is malformed, one deeper is too deep."""
+        refused(b"[" * codec.MAX_DEPTH, "malformed")
+        refused(b"[" * (codec.MAX_DEPTH + 1), "too_deep")
+
+    def test_many_shallow(self):
+        """Many brackets side by side are not deep."""
+        value = [[]] * 1000 + [{"a": [{}]}] * 1000
+        self.assertEqual(codec.loads(dumps(value)), value)
+
+    def test_brackets_in_strings(self):
+        """Brackets in strings and keys do not count, even after escaped quotes."""
+        for text in ("[" * 1000, "{" * 1000, '"' + "[" * 1000, '\\"[{' * 1000, "\\" * 5 + '"[' * 100):
+            value = [{text: text}] * 2
+            self.assertEqual(codec.loads(dumps(value)), value)
+            self.assertEqual(codec.loads(json.dumps(value, ensure_ascii=False).encode()), value)
+
+    def test_brackets_after_escaped_backslash(self):
+        """A quote after an escaped backslash ends the string: the brackets after it count."""
+        refused(b'["\\\\", ' + arrays(64) + b"]", "too_deep")
+        refused(b'["\\\\\\\\", ' + arrays(64) + b"]", "too_deep")
+        value = codec.loads(b'["\\\\", ' + arrays(63) + b"]")
+        self.assertEqual(depth(value), 64)
+
+    def test_string_left_open(self):
+        """Brackets after a string left open are in it: malformed, not too deep."""
+        refused(b'["' + arrays(100), "malformed")
+
+    def test_encodes(self):
+        """A message as deep as decodes also encodes; 980 deep, which json.dumps could not encode, is refused."""
+        data = dumps(SIGHTING).replace(b'"VAST"', arrays(codec.MAX_DEPTH - 2))
+        message = codec.decode("threatbus/sighting", data)
+        self.assertEqual(json.loads(codec.encode(message)), json.loads(data))
+        data = dumps(SIGHTING).replace(b'"VAST"', arrays(980))
+        e = self.assertRaises(codec.DecodeError, codec.decode, "threatbus/sighting", data)
+        self.assertEqual(e.reason, "too_deep")
 
 
 # --- property tests
@@ -571,3 +732,71 @@ class PropertyTests(SynchronousTestCase):
         self.assertEqual(decoded, message)
         self.assertIsNot(decoded, message)
         self.assertEqual(json.loads(codec.encode(decoded)), json.loads(codec.encode(message)))
+
+
+# Strings rich in what a depth scan must not miscount: brackets, quotes,
+# backslashes (and what follows them in escapes).
+_tricky_text = st.text(st.sampled_from('[]{}"\\/u0a \u00e9\u2028'), max_size=12) | st.text(max_size=12)
+_tricky_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | _tricky_text
+)
+tricky_values = st.recursive(
+    _tricky_scalars,
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(_tricky_text, children, max_size=4),
+    max_leaves=20,
+)
+
+
+def _wrap(inner, wrappers):
+    """``inner`` in an array or object per wrapper (in_array, key, sibling), innermost first."""
+    value = inner
+    for in_array, key, sibling in wrappers:
+        if in_array:
+            value = [value] if sibling is None else [sibling, value]
+        else:
+            value = {key: value} if sibling is None else {key + "x": sibling, key: value}
+    return value
+
+
+_wrapper = st.tuples(st.booleans(), _tricky_text, st.none() | _tricky_scalars)
+# A JSON value wrapped in up to 70 arrays and objects, some with siblings;
+# often about MAX_DEPTH deep.
+nested_values = st.builds(
+    _wrap,
+    tricky_values,
+    st.lists(_wrapper, max_size=70) | st.lists(_wrapper, min_size=58, max_size=70),
+)
+
+
+class LoadsPropertyTests(SynchronousTestCase):
+    """Properties of loads over generated JSON."""
+
+    @settings(max_examples=200, deadline=None)
+    @given(value=nested_values, ensure_ascii=st.booleans())
+    def test_round_trip_or_too_deep(self, value, ensure_ascii):
+        """Any JSON value (keys unique) within MAX_DEPTH loads back equal; deeper is refused as too deep."""
+        data = json.dumps(value, ensure_ascii=ensure_ascii).encode()
+        if depth(value) <= codec.MAX_DEPTH:
+            self.assertEqual(codec.loads(data), value)
+        else:
+            refused(data, "too_deep")
+        self.assertEqual(codec.is_too_deep(data.decode()), depth(value) > codec.MAX_DEPTH)
+
+    @settings(max_examples=200, deadline=None)
+    @given(value=nested_values, data=st.data())
+    def test_tampered_never_too_deep(self, value, data):
+        """JSON with characters inserted still never loads a value deeper than MAX_DEPTH."""
+        text = json.dumps(value)
+        for _ in range(data.draw(st.integers(min_value=1, max_value=3))):
+            at = data.draw(st.integers(min_value=0, max_value=len(text)))
+            text = text[:at] + data.draw(st.sampled_from(['"', "\\", "[", "{", "]", "}", '\\"'])) + text[at:]
+        try:
+            loaded = codec.loads(text.encode())
+        except codec.DecodeError as e:
+            self.assertIn(e.reason, ("malformed", "too_deep", "duplicate_key"))
+        else:
+            self.assertLessEqual(depth(loaded), codec.MAX_DEPTH)

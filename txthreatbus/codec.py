@@ -13,6 +13,7 @@ import json
 import math
 import re
 from datetime import datetime, timedelta
+from itertools import accumulate
 
 from txthreatbus.model import (
     BY_TOPIC,
@@ -29,7 +30,16 @@ from txthreatbus.model import (
 
 
 class DecodeError(ValueError):
-    """Input that is not a well-formed message; the text says why."""
+    """
+    Input that is not a well-formed message; the text says why, and
+    ``reason``, a short label to count drops by, says which kind:
+    ``"duplicate_key"`` (a JSON object names a key twice), ``"too_deep"``
+    (nested deeper than ``MAX_DEPTH``) or ``"malformed"`` (anything else).
+    """
+
+    def __init__(self, message: str, *, reason: str = "malformed"):
+        super().__init__(message)
+        self.reason = reason
 
 
 _MEMO = "_txthreatbus_wire"
@@ -142,13 +152,67 @@ def _no_constant(name: str):
     raise ValueError(f"{name} is not JSON")
 
 
+# The deepest nesting of arrays and objects that decodes: far beyond any
+# message, and shallow enough that nothing recurses too deeply on it later
+# (json.dumps, ==, repr).
+MAX_DEPTH = 64
+
+
+def _object(pairs: list) -> dict:
+    """
+    A JSON object from its key/value pairs, refusing a key given twice:
+    parsers differ in which of the two they keep, and the bus forwards the
+    bytes it validated.
+    """
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen = set()
+        key = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise DecodeError(f"invalid JSON: duplicate key {key!r}", reason="duplicate_key")
+    return obj
+
+
 # NaN and Infinity are not JSON: we could not encode them back as JSON.
-_scan = json.JSONDecoder(parse_float=_finite, parse_constant=_no_constant).scan_once
+_scan = json.JSONDecoder(
+    parse_float=_finite, parse_constant=_no_constant, object_pairs_hook=_object
+).scan_once
 _JSON_WHITESPACE = " \t\n\r"
+
+# Each opening bracket as the signed byte 1, each closing one as -1.
+_STEPS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
+_NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[{]}")))
+_TOO_DEEP_RUN = b"\x01" * (MAX_DEPTH + 1)
+
+
+def is_too_deep(text: str) -> bool:
+    """
+    Whether the JSON ``text`` nests arrays and objects deeper than
+    ``MAX_DEPTH``, brackets in strings not counting, in time linear in its
+    length, all of it in C loops (a hostile message costs about what parsing
+    it does).
+
+    Out of strings, a backslash is no JSON: the parser stops there, so
+    dropping every escaped backslash, then every escaped quote, everywhere,
+    leaves just the quotes that start or end strings, up to where the parser
+    reads. Split at them, every second piece is in a string (one left open
+    runs to the end). A deep run of opening brackets is found at once;
+    otherwise the depth is the largest running sum of the steps.
+    """
+    unescaped = text.replace("\\\\", "").replace('\\"', "")
+    outside = "".join(unescaped.split('"')[::2])
+    # Out of strings, all but brackets can go (non-ASCII is no JSON there).
+    steps = outside.encode("ascii", "ignore").translate(_STEPS, _NOT_BRACKETS)
+    if _TOO_DEEP_RUN in steps:
+        return True
+    return max(accumulate(memoryview(steps).cast("b")), default=0) > MAX_DEPTH
 
 
 def loads(data: bytes) -> object:
-    """Parse one JSON value from bytes; any failure is a ``DecodeError``."""
+    """
+    Parse one JSON value from bytes; any failure is a ``DecodeError``, and so
+    are duplicate keys and nesting deeper than ``MAX_DEPTH``: the value has
+    one meaning and encodes back.
+    """
     if not isinstance(data, str):
         # json.loads would also take UTF-16 and UTF-32: the wire is UTF-8.
         try:
@@ -156,13 +220,19 @@ def loads(data: bytes) -> object:
         except UnicodeDecodeError:
             raise DecodeError("not UTF-8") from None
     text = data.strip(_JSON_WHITESPACE)
+    # At most MAX_DEPTH brackets cannot nest deeper than that: the exact look
+    # only for the rare message with more.
+    if text.count("[") + text.count("{") > MAX_DEPTH and is_too_deep(text):
+        raise DecodeError(f"JSON nested too deeply: more than {MAX_DEPTH} levels", reason="too_deep")
     try:
         # json.loads without its wrappers: the scanner reads one value
         value, end = _scan(text, 0)
     except StopIteration as e:
         raise DecodeError(f"invalid JSON: expecting a value at character {e.value}") from None
     except RecursionError:
-        raise DecodeError("JSON nested too deeply") from None
+        raise DecodeError("JSON nested too deeply", reason="too_deep") from None
+    except DecodeError:
+        raise
     except ValueError as e:
         raise DecodeError(f"invalid JSON: {e}") from None
     if end != len(text):
