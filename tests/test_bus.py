@@ -41,7 +41,7 @@ class Boom(Exception):
 
 
 @implementer(IApp)
-class FakeApp:
+class FakeApp(Service):
     """An app plugin that records the snapshot requests handed to it."""
 
     def __init__(self, result=None):
@@ -167,11 +167,18 @@ class RoutingTests(SynchronousTestCase):
     def setUp(self):
         self.clock = task.Clock()
         self.bus = Bus(InMemoryBackbone(), self.clock)
+        self.bus.backbone.attach(self.bus.deliver)
         self.log = LogCapture(self)
 
     def test_needs_backbone(self):
         """A bus refuses a backbone that does not provide IBackbone."""
         self.assertRaises(TypeError, Bus, object(), self.clock)
+
+    def test_built_without_side_effects(self):
+        """Building a bus attaches nothing to its backbone: the service tree does."""
+        backbone = InMemoryBackbone()
+        Bus(backbone, self.clock)
+        self.assertIsNone(backbone._deliver)
 
     def test_publish_to_subscribers(self):
         """Each message reaches the consumers of its topic and of its parent, and no others."""
@@ -260,6 +267,7 @@ class SnapshotTests(SynchronousTestCase):
         self.clock = task.Clock()
         self.backbone = RecordingBackbone()
         self.bus = Bus(self.backbone, self.clock, Metrics(), snapshot_timeout=100.0)
+        self.backbone.attach(self.bus.deliver)
         self.apps = [FakeApp(), FakeApp()]
         for app in self.apps:
             self.assertTrue(verifyObject(IApp, app))

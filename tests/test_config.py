@@ -271,7 +271,12 @@ class ConfigErrorTests(ConfigTestCase):
             ("plugins: {apps: {zmq-app: {pub: 1.5}}}", ("plugins.apps.zmq-app.pub:",)),
             ("plugins: {apps: {zmq-app: {snapshot_timeout: 0}}}", ("plugins.apps.zmq-app.snapshot_timeout:", "> 0")),
             ("plugins: {apps: {zmq-app: {subscription_timeout: -1}}}", ("subscription_timeout:", ">= 0")),
-            ("plugins: {apps: {zmq-app: {buffer_size: 0}}}", ("plugins.apps.zmq-app.buffer_size:", "> 0")),
+            ("plugins: {apps: {zmq-app: {buffer_bytes: 0}}}", ("plugins.apps.zmq-app.buffer_bytes:", "> 0")),
+            ("plugins: {apps: {zmq-app: {max_buffered_bytes: -1}}}", ("plugins.apps.zmq-app.max_buffered_bytes:", "> 0")),
+            (
+                "plugins: {apps: {zmq-app: {max_subscriptions_per_peer: 0}}}",
+                ("plugins.apps.zmq-app.max_subscriptions_per_peer:", "> 0"),
+            ),
             ("metrics: {port: '9100'}", ("metrics.port:",)),
         ):
             self.assertConfigError(text, *fragments)

@@ -19,10 +19,13 @@ from twisted.trial.unittest import SynchronousTestCase
 from txthreatbus import codec
 from txthreatbus.apps.zmq_app.manage import ManagementHandler
 from txthreatbus.apps.zmq_app import publisher
-from txthreatbus.apps.zmq_app.publisher import RETRY_INTERVAL, Publisher
-from txthreatbus.apps.zmq_app.subscriptions import Subscriptions
+from txthreatbus.apps.zmq_app.memory import MemorySockets
+from txthreatbus.apps.zmq_app.publisher import FRAME_OVERHEAD, RETRY_INTERVAL
+from txthreatbus.apps.zmq_app.service import ZmqAppService
+from txthreatbus.apps.zmq_app.subscriptions import P2P_LENGTH
 from txthreatbus.backbones.inmem import InMemoryBackbone
 from txthreatbus.bus import Bus
+from txthreatbus.config import ZmqAppConfig
 from txthreatbus.model import Intel, IntelData, IntelType, Operation
 
 
@@ -35,40 +38,48 @@ def intel(i: int) -> Intel:
     )
 
 
-class FakeSocket:
-    """Records frames like our XPubConnection; ``full`` makes it refuse."""
-
-    def __init__(self):
-        self.sent = []
-        self.calls = 0
-        self.full = False
-
-    def send_from(self, frames):
-        self.calls += 1
-        while frames:
-            if self.full:
-                return False
-            self.sent.append(frames.popleft())
-        return True
-
-
 class World:
-    """A bus with the in-memory backbone, a publisher on a fake socket, subscriptions."""
+    """
+    A bus (in-memory backbone) and its zmq-app on memory sockets and a Clock;
+    each connected app has a SUB socket of its own.
+    """
 
-    def __init__(self, timeout=0.0, buffer_size=100, limit=10_000):
+    def __init__(self, **zmq_app):
+        config = ZmqAppConfig(**zmq_app)
         self.clock = Clock()
-        self.bus = Bus(InMemoryBackbone(), self.clock)
+        self.bus = Bus(InMemoryBackbone(), self.clock, snapshot_timeout=config.snapshot_timeout)
+        self.bus.backbone.attach(self.bus.deliver)
         self.metrics = self.bus.metrics
-        self.publisher = Publisher(self.clock, self.metrics, buffer_size)
-        self.socket = self.publisher.connection = FakeSocket()
-        self.subscriptions = Subscriptions(self.bus, self.publisher, self.clock, timeout, limit)
+        self.sockets = MemorySockets()
+        self.zmq_app = ZmqAppService(config, self.bus, self.clock, self.sockets)
+        self.bus.add_app(self.zmq_app)
+        self.zmq_app.startService()
+        self.publisher = self.zmq_app.publisher
+        self.subscriptions = self.zmq_app.subscriptions
+        self.xpub = self.sockets.xpub
+        self.peers = {}
 
-    def app(self, topic="threatbus/intel", connected=True):
+    def app(self, topic="threatbus/intel", connected=True, snapshot=timedelta(0)):
         """A new subscription to ``topic``, its app's SUB socket subscribed if ``connected``."""
-        sub = self.subscriptions.subscribe(topic, timedelta(0))
+        sub = self.subscriptions.subscribe(topic, snapshot)
         if connected:
-            self.publisher.subscribed(sub, True)
+            self.connect(sub)
         return sub
+
+    def connect(self, sub):
+        """``sub``'s app connects its SUB socket, subscribed to its topic; the turn ends."""
+        peer = self.peers[sub] = self.xpub.connect()
+        peer.subscribe(sub.prefix)
+        self.clock.advance(0)
+        return peer
+
+    def disconnect(self, sub):
+        self.peers.pop(sub).disconnect()
+
+    def full(self, full: bool):
+        """Make every app's SUB socket full (it reads nothing more), or not."""
+        for peer in self.peers.values():
+            peer.hwm = 0 if full else 1000
 
     def publish(self, *messages):
         """Publish ``messages`` in one reactor turn, and end the turn."""
@@ -76,9 +87,17 @@ class World:
             self.bus.publish(message)
         self.clock.advance(0)
 
+    @property
+    def sent(self):
+        return self.xpub.sent
+
     def ids(self, frames=None):
-        frames = self.socket.sent if frames is None else frames
+        frames = self.sent if frames is None else frames
         return [json.loads(f.partition(b" ")[2])["id"] for f in frames]
+
+
+#: What one intel(i) frame for i < 10 costs in a buffer.
+FRAME = P2P_LENGTH + len(b"intel ") + len(codec.encode(intel(0))) + FRAME_OVERHEAD
 
 
 class LivenessTests(SynchronousTestCase):
@@ -86,7 +105,7 @@ class LivenessTests(SynchronousTestCase):
 
     def test_expires(self):
         """Without heartbeat, a subscription is gone after the timeout, and freed."""
-        world = World(timeout=60)
+        world = World(subscription_timeout=60)
         events = []
         globalLogPublisher.addObserver(events.append)
         self.addCleanup(globalLogPublisher.removeObserver, events.append)
@@ -105,7 +124,7 @@ class LivenessTests(SynchronousTestCase):
 
     def test_heartbeat_keeps_alive(self):
         """Each heartbeat restarts the timeout."""
-        world = World(timeout=60)
+        world = World(subscription_timeout=60)
         sub = world.subscriptions.subscribe("threatbus", timedelta(0))
         for _ in range(5):
             world.clock.advance(50)
@@ -117,7 +136,7 @@ class LivenessTests(SynchronousTestCase):
 
     def test_off_by_default(self):
         """With timeout 0 a subscription stays until it unsubscribes, with no timer."""
-        world = World(timeout=0)
+        world = World(subscription_timeout=0)
         sub = world.subscriptions.subscribe("threatbus", timedelta(0))
         self.assertEqual(world.clock.getDelayedCalls(), [])
         world.clock.advance(10**9)
@@ -125,7 +144,7 @@ class LivenessTests(SynchronousTestCase):
 
     def test_expiry_frees_snapshot_and_buffer(self):
         """An expired app's pending snapshot ends and its buffered frames are dropped, counted."""
-        world = World(timeout=60)
+        world = World(subscription_timeout=60)
         sub = world.subscriptions.subscribe("threatbus", timedelta(days=1))
         self.assertEqual(world.bus.pending_snapshots(), 1)
         world.publish(intel(1))
@@ -137,12 +156,12 @@ class LivenessTests(SynchronousTestCase):
         self.assertEqual(world.clock.getDelayedCalls(), [])
 
     def test_limit(self):
-        """full() says when max_subscriptions is reached."""
-        world = World(limit=2)
+        """refusal() says when max_subscriptions is reached."""
+        world = World(max_subscriptions=2, max_subscriptions_per_peer=2)
         world.subscriptions.subscribe("threatbus", timedelta(0))
-        self.assertFalse(world.subscriptions.full())
+        self.assertIsNone(world.subscriptions.refusal(""))
         world.subscriptions.subscribe("threatbus", timedelta(0))
-        self.assertTrue(world.subscriptions.full())
+        self.assertEqual(world.subscriptions.refusal(""), "max_subscriptions")
 
 
 class BufferTests(SynchronousTestCase):
@@ -154,10 +173,10 @@ class BufferTests(SynchronousTestCase):
         sub = world.app(connected=False)
         for i in range(5):
             world.publish(intel(i))
-        self.assertEqual(world.socket.sent, [])
-        world.publisher.subscribed(sub, True)
+        self.assertEqual(world.sent, [])
+        world.connect(sub)
         self.assertEqual(world.ids(), [f"intel-{i}" for i in range(5)])
-        self.assertTrue(all(f.startswith(sub.p2p.encode() + b"intel ") for f in world.socket.sent))
+        self.assertTrue(all(f.startswith(sub.p2p.encode() + b"intel ") for f in world.sent))
         world.publish(intel(5))
         self.assertEqual(world.ids()[-1], "intel-5")
         self.assertIsNone(sub.pending)
@@ -168,11 +187,11 @@ class BufferTests(SynchronousTestCase):
         subs = [world.app() for _ in range(2)]
         for i in range(3):
             world.bus.publish(intel(i))
-        self.assertEqual(world.socket.sent, [])
+        self.assertEqual(world.sent, [])
         world.clock.advance(0)
-        self.assertEqual(world.socket.calls, 2)
+        self.assertEqual(world.xpub.calls, 2)
         for sub in subs:
-            mine = [f for f in world.socket.sent if f.startswith(sub.prefix)]
+            mine = [f for f in world.sent if f.startswith(sub.prefix)]
             self.assertEqual(world.ids(mine), ["intel-0", "intel-1", "intel-2"])
         self.assertEqual(world.clock.getDelayedCalls(), [])
 
@@ -189,8 +208,8 @@ class BufferTests(SynchronousTestCase):
         self.assertEqual(sorted(world.ids()), sorted(["intel-0", "intel-1", "intel-2"] * 2))
 
     def test_turn_longer_than_buffer(self):
-        """A turn that routes more than buffer_size messages to an app that can take them drops none."""
-        world = World(buffer_size=3)
+        """A turn that routes more than buffer_bytes of messages to an app that can take them drops none."""
+        world = World(buffer_bytes=3 * FRAME)
         world.app()
         world.publish(*(intel(i) for i in range(8)))
         self.assertEqual(world.ids(), [f"intel-{i}" for i in range(8)])
@@ -203,7 +222,7 @@ class BufferTests(SynchronousTestCase):
         world.bus.publish(intel(0))
         world.subscriptions.unsubscribe(sub.p2p)
         world.clock.advance(0)
-        self.assertEqual(world.socket.sent, [])
+        self.assertEqual(world.sent, [])
         self.assertEqual(world.metrics.dropped("unsubscribed"), 1)
 
     def test_stop(self):
@@ -219,21 +238,21 @@ class BufferTests(SynchronousTestCase):
         """Stopping while the socket refuses leaves no call behind either."""
         world = World()
         world.app()
-        world.socket.full = True
+        world.full(True)
         world.publish(intel(0))
         world.bus.publish(intel(1))
         self.assertEqual(len(world.clock.getDelayedCalls()), 2)
         world.publisher.stop()
         self.assertEqual(world.clock.getDelayedCalls(), [])
-        self.assertEqual(world.socket.sent, [])
+        self.assertEqual(world.sent, [])
 
     def test_overflow_drops_oldest(self):
         """A full buffer drops its oldest frames, counted."""
-        world = World(buffer_size=3)
+        world = World(buffer_bytes=3 * FRAME)
         sub = world.app(connected=False)
         for i in range(5):
             world.publish(intel(i))
-        world.publisher.subscribed(sub, True)
+        world.connect(sub)
         self.assertEqual(world.ids(), ["intel-2", "intel-3", "intel-4"])
         self.assertEqual(world.metrics.dropped("buffer_overflow"), 2)
 
@@ -242,13 +261,13 @@ class BufferTests(SynchronousTestCase):
         world = World()
         world.app()
         world.publish(intel(0))
-        world.socket.full = True
+        world.full(True)
         world.publish(intel(1))
         world.publish(intel(2))
         self.assertEqual(world.ids(), ["intel-0"])
         world.clock.advance(RETRY_INTERVAL)
         self.assertEqual(world.ids(), ["intel-0"])
-        world.socket.full = False
+        world.full(False)
         world.publish(intel(3))  # queued behind the others, not sent ahead
         self.assertEqual(world.ids(), ["intel-0"])
         world.clock.advance(RETRY_INTERVAL)
@@ -259,28 +278,24 @@ class BufferTests(SynchronousTestCase):
         """When the app's SUB goes away, frames wait again."""
         world = World()
         sub = world.app()
-        world.publisher.subscribed(sub, False)
+        world.disconnect(sub)
         world.publish(intel(0))
-        self.assertEqual(world.socket.sent, [])
-        world.publisher.subscribed(sub, True)
+        self.assertEqual(world.sent, [])
+        world.connect(sub)
         self.assertEqual(world.ids(), ["intel-0"])
 
-    def test_prefix_subscription(self):
-        """A SUB socket subscribed to a short prefix (b"": everything) takes the frames it covers."""
+    def test_foreign_subscription(self):
+        """A SUB socket subscribed to a short prefix (b"": everything) gets nothing, counted."""
         world = World()
-        sub = world.app(connected=False)
+        sub = world.app()
+        for prefix in (b"", b"{", sub.prefix[:5], sub.prefix[:31]):
+            watcher = world.xpub.connect()
+            watcher.subscribe(prefix)
+            self.assertEqual(watcher.applied, set())
         world.publish(intel(0))
-        world.publisher.prefix_subscribed(b"{", True)  # no P2P topic starts so
-        self.assertEqual(world.socket.sent, [])
-        world.publisher.prefix_subscribed(sub.prefix[:5], True)
-        self.assertEqual(world.ids(), ["intel-0"])
-        world.publish(intel(1))
-        self.assertEqual(world.ids(), ["intel-0", "intel-1"])
-        world.publisher.prefix_subscribed(sub.prefix[:5], False)
-        world.publish(intel(2))
-        self.assertEqual(world.ids(), ["intel-0", "intel-1"])
-        world.publisher.prefix_subscribed(b"", True)
-        self.assertEqual(world.ids(), ["intel-0", "intel-1", "intel-2"])
+        self.assertEqual(world.ids(world.peers[sub].receive()), ["intel-0"])
+        self.assertEqual([p.receive() for p in world.xpub.peers if p is not world.peers[sub]], [[]] * 4)
+        self.assertEqual(world.metrics.dropped("foreign_subscription"), 4)
 
     def test_encoded_once(self):
         """One message sent to many apps is encoded once: every frame shares the body."""
@@ -291,8 +306,8 @@ class BufferTests(SynchronousTestCase):
         real = codec.unstructure
         self.patch(codec, "unstructure", lambda m: calls.append(m) or real(m))
         world.publish(intel(0))
-        bodies = {f.partition(b" ")[2] for f in world.socket.sent}
-        self.assertEqual(len(world.socket.sent), 3)
+        bodies = {f.partition(b" ")[2] for f in world.sent}
+        self.assertEqual(len(world.sent), 3)
         self.assertEqual(len(bodies), 1)
         self.assertEqual(calls, [intel(0)])
 
@@ -316,7 +331,7 @@ class HandlerTests(SynchronousTestCase):
     """The management handler answers anything with one of the three statuses."""
 
     def setUp(self):
-        self.world = World(limit=50_000)
+        self.world = World(max_subscriptions=50_000, max_subscriptions_per_peer=50_000)
         self.handler = ManagementHandler(
             self.world.subscriptions, {"pub_port": 1}, self.world.metrics, self.world.clock
         )
@@ -350,7 +365,7 @@ class HandlerTests(SynchronousTestCase):
 
     def test_max_subscriptions(self):
         """Past max_subscriptions, subscribe answers error and counts why."""
-        world = World(limit=1)
+        world = World(max_subscriptions=1)
         handler = ManagementHandler(world.subscriptions, {}, world.metrics, world.clock)
         request = [json.dumps({"action": "subscribe", "topic": "threatbus"}).encode()]
         self.assertEqual(handler.handle(request)["status"], "success")

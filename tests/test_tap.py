@@ -231,7 +231,7 @@ plugins:
         )
         process = self.spawn("zmq-app", "--config", path)
         await wait_for(
-            lambda: f"manage endpoint bound on port {manage}" in process.text() or process.done,
+            lambda: f"manage endpoint listening on 127.0.0.1:{manage}" in process.text() or process.done,
             PROCESS_DEADLINE,
             "twistd to bind its manage port",
         )

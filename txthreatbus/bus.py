@@ -57,6 +57,16 @@ def snapshot_types(topic: str) -> Tuple[MessageType, ...]:
 _CHAINS = {cls: topic_chain(cls.topic) for cls in (Intel, Sighting)}
 
 
+def _provides(interface):
+    """An attrs validator: the value provides ``interface``."""
+
+    def validate(instance, attribute, value):
+        if not interface.providedBy(value):
+            raise TypeError(f"{attribute.name}: not an {interface.__name__}: {value!r}")
+
+    return validate
+
+
 @attrs.define(eq=False)
 class _PendingSnapshot:
     requester: Consumer
@@ -68,24 +78,27 @@ class _PendingSnapshot:
 @attrs.define(eq=False)
 class Bus(Service):
     """
-    The bus core of one instance.
+    The bus core of one instance. Building it has no side effects: the
+    service tree wires it to its backbone (``backbone.attach(bus.deliver)``)
+    and its apps (``add_app``).
 
     @ivar snapshot_timeout: seconds after which a snapshot is over and
         envelopes for it are dropped.
     """
 
-    backbone: IBackbone
+    backbone: IBackbone = attrs.field(validator=_provides(IBackbone))
     clock: object
     metrics: Metrics = attrs.field(factory=Metrics)
     snapshot_timeout: float = 3600.0
     _consumers: Dict[str, Dict[Consumer, None]] = attrs.field(init=False, factory=dict)
     _apps: List[IApp] = attrs.field(init=False, factory=list)
     _snapshots: Dict[str, _PendingSnapshot] = attrs.field(init=False, factory=dict)
+    #: Apps ask for snapshots at will: their log lines are throttled.
+    _throttle: logs.Throttle = attrs.field(init=False)
 
-    def __attrs_post_init__(self):
-        if not IBackbone.providedBy(self.backbone):
-            raise TypeError(f"not an IBackbone: {self.backbone!r}")
-        self.backbone.attach(self.deliver)
+    @_throttle.default
+    def _new_throttle(self):
+        return logs.Throttle(self.clock)
 
     # --- plugins and consumers
 
@@ -151,7 +164,12 @@ class Bus(Service):
     def _route_envelope(self, envelope: SnapshotEnvelope) -> None:
         pending = self._snapshots.get(envelope.snapshot_id)
         if pending is None:
-            log.debug("Dropped an envelope for unknown snapshot {id}", id=envelope.snapshot_id)
+            self._throttle(
+                "unknown_snapshot",
+                log.debug,
+                "Dropped an envelope for unknown snapshot {id}",
+                id=envelope.snapshot_id[:64],
+            )
             self.metrics.drop("unknown_snapshot")
             return
         pending.routed += 1
@@ -185,8 +203,12 @@ class Bus(Service):
         )
         self._snapshots[snapshot_id] = pending
         self.metrics.snapshots_pending.inc()
-        log.info(
-            "Snapshot {id} of {topic} over {snapshot} requested", id=snapshot_id, topic=topic,
+        self._throttle(
+            "requested",
+            log.info,
+            "Snapshot {id} of {topic} over {snapshot} requested",
+            id=snapshot_id,
+            topic=topic,
             snapshot=snapshot,
         )
         for request in requests:
@@ -201,7 +223,7 @@ class Bus(Service):
         if pending.timer.active():
             pending.timer.cancel()
         self.metrics.snapshots_pending.dec()
-        log.info("Snapshot {id} over: {n} items routed", id=snapshot_id, n=pending.routed)
+        self._throttle("over", log.info, "Snapshot {id} over: {n} items routed", id=snapshot_id, n=pending.routed)
         pending.finished.callback(pending.routed)
 
     def pending_snapshots(self) -> int:

@@ -57,6 +57,7 @@ listen_port = _check(
     lambda v: _is_int(v) and 0 <= v <= 65535, "a port number from 1 to 65535 (0: any free port)"
 )
 positive_int = _check(lambda v: _is_int(v) and v > 0, "a whole number > 0")
+optional_positive_int = _check(lambda v: v is None or _is_int(v) and v > 0, "a whole number > 0")
 non_negative_int = _check(lambda v: _is_int(v) and v >= 0, "a whole number >= 0")
 positive_number = _check(lambda v: _is_number(v) and v > 0, "a number > 0")
 non_negative_number = _check(lambda v: _is_number(v) and v >= 0, "a number >= 0")
@@ -125,9 +126,14 @@ class ZmqAppConfig:
     advertise_host: Optional[str] = attrs.field(default=None, validator=optional_string)
     snapshot_timeout: float = attrs.field(default=3600.0, validator=positive_number)
     subscription_timeout: float = attrs.field(default=0.0, validator=non_negative_number)
-    buffer_size: int = attrs.field(default=10_000, validator=positive_int)
+    buffer_bytes: int = attrs.field(default=8 << 20, validator=positive_int)
+    max_buffered_bytes: int = attrs.field(default=128 << 20, validator=positive_int)
     max_message_size: int = attrs.field(default=1 << 20, validator=positive_int)
     max_subscriptions: int = attrs.field(default=10_000, validator=positive_int)
+    #: None: a quarter of max_subscriptions
+    max_subscriptions_per_peer: Optional[int] = attrs.field(
+            default=None, validator=optional_positive_int
+    )
     curve: Optional[CurveConfig] = attrs.field(default=None, metadata={"section": CurveConfig})
 
 

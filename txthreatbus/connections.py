@@ -2,8 +2,9 @@
 txZMQ connections that the bus and the client both use.
 
 ``BatchedReadConnection`` reads a socket a bounded batch per reactor turn,
-so that a flood on it cannot starve the other sockets (a receive-only SUB,
-or a ROUTER that answers each request as it reads it).
+in messages and in bytes, so that a flood on it cannot starve the other
+sockets (a receive-only SUB, a ROUTER that answers each request as it reads
+it, an XPUB's subscription notices).
 ``XPubConnection`` is a PUB socket to its peers that reports their
 subscriptions and refuses (``zmq.Again``) instead of dropping when full.
 """
@@ -21,23 +22,30 @@ log = Logger(observer=logs.publisher)
 
 class BatchedReadConnection(ZmqConnection):
     """
-    A socket read at most ``batch`` messages a reactor turn; it sends only
-    from ``messageReceived``, if at all.
+    A socket read at most ``batch`` messages or ``batch_bytes`` bytes a
+    reactor turn; it sends only from ``messageReceived``, or schedules a read
+    after it sends (``XPubConnection.send_from``).
+
+    ``frame`` is the last frame of the message being handled: its
+    properties (``frame.get("Peer-Address")``) say who sent it.
     """
 
     batch = 500
+    batch_bytes = 4 << 20
+    frame = None
 
     def doRead(self):
         # Reading until EAGAIN re-arms ZeroMQ's edge-triggered descriptor,
         # whatever messageReceived sent meanwhile, so txZMQ's per-message
-        # ZMQ_EVENTS check and logging context are not needed. After
-        # ``batch`` messages the rest is read on the next turn, which we
-        # schedule ourselves.
+        # ZMQ_EVENTS check and logging context are not needed. After a
+        # batch the rest is read on the next turn, which we schedule
+        # ourselves: a flood on one socket cannot starve the others.
         if self.read_scheduled is not None:
             if self.read_scheduled.active():
                 self.read_scheduled.cancel()
             self.read_scheduled = None
         recv = self.socket.recv
+        size = 0
         for _ in range(self.batch):
             if self.factory is None:  # shut down meanwhile
                 return
@@ -45,50 +53,65 @@ class BatchedReadConnection(ZmqConnection):
                 # recv_multipart asks ZMQ_RCVMORE with getsockopt, which
                 # costs more than the frame itself: a Frame knows it
                 frame = recv(zmq.NOBLOCK, copy=False)
-                message = [frame.bytes]
+                data = frame.bytes
+                message = [data]
+                size += len(data)
                 while frame.more:
                     frame = recv(zmq.NOBLOCK, copy=False)
-                    message.append(frame.bytes)
+                    data = frame.bytes
+                    message.append(data)
+                    size += len(data)
             except zmq.Again:
                 return
+            self.frame = frame
             try:
                 self.messageReceived(message)
             except Exception:
                 log.failure("Handling a message on {connection!r} failed", connection=self)
-        self.read_scheduled = self.factory.reactor.callLater(0, self.doRead)
+            if size >= self.batch_bytes:
+                break
+        if self.factory is not None:
+            self.read_scheduled = self.factory.reactor.callLater(0, self.doRead)
 
 
-class XPubConnection(ZmqConnection):
-    """An XPUB socket reporting each (un)subscription to ``notify(subscribed, topic)``."""
+class XPubConnection(BatchedReadConnection):
+    """
+    An XPUB socket reporting each (un)subscription to ``notify(subscribed,
+    topic)``; it refuses (``send_from`` returns False) instead of dropping
+    what a full peer cannot take.
+    """
 
     socketType = zmq.XPUB
 
     def __init__(self, factory, notify, send_hwm: int):
         self._notify = notify
-        ZmqConnection.__init__(self, factory)
+        BatchedReadConnection.__init__(self, factory)
         self.socket.setsockopt(zmq.XPUB_NODROP, 1)
         self.socket.setsockopt(zmq.SNDHWM, send_hwm)
 
-    def send_from(self, frames) -> bool:
+    def send_from(self, frames) -> int:
         """
         Send the single-frame messages of the deque ``frames`` from its left,
-        removing each one sent; False if the socket refused one (full).
+        removing each one sent, until the socket refuses one (full); return
+        the bytes sent.
         """
         send = self.socket.send
+        sent = 0
         try:
             while frames:
-                send(frames[0], zmq.NOBLOCK)
+                frame = frames[0]
+                send(frame, zmq.NOBLOCK)
                 frames.popleft()
-            return True
+                sent += len(frame)
         except zmq.Again:
-            return False
-        finally:
-            # As txZMQ's send does: ZeroMQ may not signal what arrived
-            # (subscriptions) after we touched the socket.
-            if self.read_scheduled is None:
-                self.read_scheduled = self.factory.reactor.callLater(0, self.doRead)
+            pass
+        # As txZMQ's send does: ZeroMQ may not signal what arrived
+        # (subscriptions) after we touched the socket.
+        if self.read_scheduled is None:
+            self.read_scheduled = self.factory.reactor.callLater(0, self.doRead)
+        return sent
 
     def messageReceived(self, message):
-        for frame in message:
-            if frame[:1] in (b"\x01", b"\x00"):
-                self._notify(frame[:1] == b"\x01", frame[1:])
+        frame = message[0]
+        if frame[:1] in (b"\x01", b"\x00"):
+            self._notify(frame[:1] == b"\x01", frame[1:])

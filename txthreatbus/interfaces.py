@@ -1,22 +1,24 @@
 """
-The two kinds of plugin the bus core talks to.
+The two kinds of plugin the bus core talks to, and the socket seam of the
+zmq-app plugin.
 
 A backbone carries messages between the instances of the bus (or within one);
 an app connects the bus to outside tools. Both are also ``IService``s, so
 that they start and stop with the bus.
 """
 
-from zope.interface import Interface
+from twisted.application.service import IService
+from zope.interface import Attribute, Interface
 
 
-class IBackbone(Interface):
+class IBackbone(IService):
     """Carries every published message to the bus of every instance."""
 
     def attach(deliver):
         """
         Hand each message that arrives to ``deliver(message)``, once.
 
-        Called by the bus core before the backbone starts.
+        Called when the service tree is built, before the backbone starts.
         """
 
     def publish(message):
@@ -25,7 +27,7 @@ class IBackbone(Interface):
         """
 
 
-class IApp(Interface):
+class IApp(IService):
     """An app plugin: it joins outside tools to the bus."""
 
     def snapshot(request, requester):
@@ -37,3 +39,43 @@ class IApp(Interface):
         Returns a Deferred that fires when the request has been handed on.
         The tools answer later by publishing ``SnapshotEnvelope``s.
         """
+
+
+class IConnection(Interface):
+    """One of an app plugin's sockets."""
+
+    def shutdown():
+        """Close the socket at once."""
+
+
+class IPublisherSocket(IConnection):
+    """The socket that sends apps their messages."""
+
+    def send_from(frames):
+        """
+        Send single-frame messages from the left of the deque ``frames``,
+        removing each one sent, until the socket refuses one (an app's queue
+        is full); return the bytes sent.
+        """
+
+
+class IServerSockets(Interface):
+    """Opens the endpoints of one zmq-app; each open returns ``(connection, port)``."""
+
+    curve = Attribute("Whether the sockets encrypt and authenticate with CurveZMQ")
+
+    def publisher(notify, port):
+        """
+        The PUB endpoint (an ``IPublisherSocket``): ``notify(subscribed,
+        topic)`` is told of each SUB socket's (un)subscription and returns
+        whether it takes effect.
+        """
+
+    def receiver(receive, port):
+        """The SUB endpoint: ``receive(frames)`` for each message apps publish."""
+
+    def manage(handle, port):
+        """The management endpoint: ``handle(frames, peer)`` answers each request."""
+
+    def close():
+        """A Deferred that fires once every socket is closed and all is freed."""

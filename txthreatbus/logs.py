@@ -48,8 +48,14 @@ class LoggingService(Service):
         self._destination = destination
         self._observers = []
         self._file = None
+        self._routing = False
 
-    def startService(self):
+    def privilegedStartService(self):
+        # Before the other services start: what they say then (where they
+        # listen) goes where the config says too.
+        if self._routing:
+            return
+        self._routing = True
         config = self._config
         if config.file:
             # Opened here, before the reactor runs: a bad path aborts start-up.
@@ -60,12 +66,17 @@ class LoggingService(Service):
         self._publisher.removeObserver(self._destination)
         for observer in self._observers:
             self._publisher.addObserver(observer)
+        super().privilegedStartService()
+
+    def startService(self):
+        self.privilegedStartService()
         super().startService()
 
     def stopService(self):
         for observer in self._observers:
             self._publisher.removeObserver(observer)
         self._observers = []
+        self._routing = False
         if self._file is not None:
             self._file.close()
             self._file = None
@@ -79,6 +90,7 @@ class Throttle:
     for what a flood of bad input would otherwise repeat, once per message.
     The first event of each key is logged; those that follow within the
     interval are only counted, and the next event logged says how many.
+    Long field values are cut (``short``).
     """
 
     def __init__(self, clock, interval: float = 10.0):
@@ -97,4 +109,17 @@ class Throttle:
         held = self._held.pop(key, 0)
         if held:
             format += " ({held} more like it in the last {interval} s were counted, not logged)"
+        fields = {key: short(value) for key, value in fields.items()}
         emit(format, held=held, interval=self._interval, **fields)
+
+
+def short(value, limit: int = 200):
+    """
+    ``value`` for a log line that a peer may fill: a string cut to ``limit``
+    characters, a list or dict as its cut ``repr``.
+    """
+    if isinstance(value, (list, dict)):
+        value = repr(value)
+    if isinstance(value, (str, bytes)) and len(value) > limit:
+        return value[:limit] + ("..." if isinstance(value, str) else b"...")
+    return value

@@ -77,10 +77,11 @@ def _exit_on_startup_error():
         raise SystemExit(f"txthreatbus cannot start: {e}") from None
 
 
-def bus_service(config: configuration.Config, reactor=None, top=None) -> MultiService:
+def bus_service(config: configuration.Config, reactor=None, top=None, sockets=None) -> MultiService:
     """
     The bus that ``config`` describes, as one service tree: built into
-    ``top``, a new ``MultiService`` by default.
+    ``top``, a new ``MultiService`` by default. ``sockets`` are the zmq-app's
+    (``IServerSockets``): ZeroMQ's by default.
     """
     if reactor is None:
         from twisted.internet import reactor
@@ -94,7 +95,10 @@ def bus_service(config: configuration.Config, reactor=None, top=None) -> MultiSe
     bus = Bus(backbone, reactor, metrics, snapshot_timeout=config.zmq_app.snapshot_timeout)
     bus.setName("bus")
     bus.setServiceParent(top)
-    ZmqAppService(config.zmq_app, bus, reactor).setServiceParent(top)
+    backbone.attach(bus.deliver)
+    app = ZmqAppService(config.zmq_app, bus, reactor, sockets)
+    app.setServiceParent(top)
+    bus.add_app(app)
     if config.metrics is not None:
         web = metrics_service(metrics, config.metrics.host, config.metrics.port, reactor)
         web.setName("metrics")

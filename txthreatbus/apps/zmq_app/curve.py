@@ -17,10 +17,11 @@ import zmq
 import zmq.auth
 from zmq.utils import z85
 from twisted.logger import Logger
-from txzmq import ZmqEndpoint, ZmqEndpointType, ZmqREPConnection
+from txzmq import ZmqEndpoint, ZmqEndpointType
 
 from txthreatbus import logs
 from txthreatbus.config import CurveConfig
+from txthreatbus.connections import BatchedReadConnection
 
 log = Logger(observer=logs.publisher)
 
@@ -69,24 +70,27 @@ def secure(connection, keys: ServerKeys) -> None:
     sock.zap_domain = DOMAIN
 
 
-class ZapHandler(ZmqREPConnection):
-    """Answers ZeroMQ's authentication requests: listed client keys only."""
+class ZapHandler(BatchedReadConnection):
+    """
+    Answers ZeroMQ's authentication requests: listed client keys only. A
+    ROUTER read in batches (apps see a REP), as a flood of handshakes makes
+    a flood of requests.
+    """
 
-    def __init__(self, factory, keys: ServerKeys, metrics):
+    socketType = zmq.ROUTER
+
+    def __init__(self, factory, keys: ServerKeys, metrics, clock):
         self._keys = keys
         self._metrics = metrics
-        ZmqREPConnection.__init__(self, factory)
+        self._throttle = logs.Throttle(clock)
+        BatchedReadConnection.__init__(self, factory)
         self.addEndpoints([ZmqEndpoint(ZmqEndpointType.bind, ZAP_ENDPOINT)])
 
     def messageReceived(self, message):
-        if b"" not in message[1:]:
+        # [routing id, b"", version, request id, domain, address, identity, mechanism, credentials...]
+        if len(message) < 8 or message[1] != b"":
             return
-        ZmqREPConnection.messageReceived(self, message)
-
-    def gotMessage(self, messageId, *frames):
-        # ZAP 1.0: version, request id, domain, address, identity, mechanism, credentials...
-        if len(frames) < 6:
-            return
+        envelope, frames = message[:2], message[2:]
         version, request_id, _domain, address, _identity, mechanism = frames[:6]
         credentials = frames[6:]
         allowed = mechanism == b"CURVE" and credentials and credentials[0] in self._keys.authorized
@@ -95,5 +99,10 @@ class ZapHandler(ZmqREPConnection):
         else:
             status = (b"400", b"not authorized")
             self._metrics.drop("curve_unauthorized")
-            log.warn("Refused an unauthorized CurveZMQ client from {address}", address=address.decode(errors="replace"))
-        self.reply(messageId, version, request_id, *status, b"", b"")
+            self._throttle(
+                "curve_unauthorized",
+                log.warn,
+                "Refused an unauthorized CurveZMQ client from {address}",
+                address=address.decode(errors="replace"),
+            )
+        self.socket.send_multipart([*envelope, version, request_id, *status, b"", b""], zmq.NOBLOCK)

@@ -39,7 +39,8 @@ def snapshot_days(value) -> Optional[int]:
         return 0
     if isinstance(value, str):
         value = value.strip()
-        if not value.isdigit() or not value.isascii():
+        # int() of over 4,300 digits raises: more than 9 is too many anyway
+        if not value.isdigit() or not value.isascii() or len(value) > 9:
             return None
         value = int(value)
     if isinstance(value, float) and value.is_integer():
@@ -63,8 +64,8 @@ class ManagementHandler:
         self._metrics = metrics
         self._throttle = logs.Throttle(clock)
 
-    def handle(self, frames: Sequence[bytes]) -> dict:
-        """The reply to a request of ``frames``."""
+    def handle(self, frames: Sequence[bytes], peer: str = "") -> dict:
+        """The reply to a request of ``frames`` from network address ``peer``."""
         if len(frames) != 1:
             return self._error("a request of {n} frames", n=len(frames))
         try:
@@ -76,41 +77,53 @@ class ManagementHandler:
         action, topic = request.get("action"), request.get("topic")
         if action not in _ACTIONS or topic is None:
             self._metrics.drop("manage_unknown_request")
-            log.debug("Unknown management request {request!r}", request=request)
+            self._throttle(
+                "unknown", log.debug, "Unknown management request {request!r}", request=request
+            )
             return UNKNOWN
         if not isinstance(topic, str):
             return self._error("a topic that is not a string: {topic!r}", topic=topic)
         if action == "subscribe":
-            return self._subscribe(topic, request.get("snapshot"))
+            return self._subscribe(topic, request.get("snapshot"), peer)
         if action == "heartbeat":
             ok = self._subscriptions.heartbeat(topic)
         else:
             ok = self._subscriptions.unsubscribe(topic)
         return SUCCESS if ok else ERROR
 
-    def _subscribe(self, topic: str, snapshot) -> dict:
+    def _subscribe(self, topic: str, snapshot, peer: str) -> dict:
         days = snapshot_days(snapshot)
         if days is None:
             return self._error("a snapshot that is not a number of days: {s!r}", s=snapshot)
         if not snapshot_types(topic):
             return self._error("a subscription to unknown topic {topic!r}", topic=topic)
-        if self._subscriptions.full():
+        refusal = self._subscriptions.refusal(peer)
+        if refusal is not None:
             self._throttle(
-                "max_subscriptions",
+                refusal,
                 log.warn,
-                "Refused a subscription to {topic}: {n} apps are subscribed, the most allowed",
+                "Refused a subscription to {topic} from {peer}: {limit} reached",
                 topic=topic,
-                n=len(self._subscriptions),
+                peer=peer,
+                limit=refusal,
             )
-            self._metrics.drop("max_subscriptions")
+            self._metrics.drop(refusal)
             return ERROR
-        sub = self._subscriptions.subscribe(topic, timedelta(days=days))
+        sub = self._subscriptions.subscribe(topic, timedelta(days=days), peer)
         return {"topic": sub.p2p, **self._endpoints, "status": "success"}
 
     def _error(self, what: str, **fields) -> dict:
         self._metrics.drop("manage_error")
         self._throttle(what, log.info, "Answered error to " + what, **fields)
         return ERROR
+
+
+def peer_address(frame) -> str:
+    """The network address that ``frame`` came from ("" if it has none)."""
+    try:
+        return frame.get("Peer-Address")
+    except zmq.ZMQError:
+        return ""
 
 
 class ManageConnection(BatchedReadConnection):
@@ -140,7 +153,8 @@ class ManageConnection(BatchedReadConnection):
                 "no_delimiter", log.info, "Dropped a management message without an empty delimiter frame"
             )
             return
-        reply = json.dumps(self._handle(message[delimiter + 1 :])).encode()
+        peer = peer_address(self.frame)
+        reply = json.dumps(self._handle(message[delimiter + 1 :], peer)).encode()
         # A ROUTER drops, never blocks, what an app's full queue cannot take.
         send = self.socket.send
         for frame in message[: delimiter + 1]:

@@ -1,14 +1,20 @@
 """
 The PUB side: each message to each app as one frame ``<P2P><suffix> <json>``.
 
-Every frame goes into its app's bounded buffer, and the buffers go out
-together at the end of the reactor turn (or once ``FLUSH_FRAMES`` are held):
-ZeroMQ's I/O thread then wakes once for a batch of frames instead of once
-per frame, and spends a fifth of the CPU on each. The socket is an XPUB (apps see a PUB): it tells us when an
-app's SUB socket subscribes to its P2P topic. Until then, and while the app
-reads too slowly for ZeroMQ's high-water mark (``XPUB_NODROP`` makes libzmq
-refuse instead of dropping), its frames stay in its buffer and go out in
-order as soon as they can. A full buffer drops its oldest frame, counted.
+Every frame goes into its app's buffer, and the buffers go out together at
+the end of the reactor turn (or once ``FLUSH_FRAMES`` are held): ZeroMQ's
+I/O thread then wakes once for a batch of frames instead of once per frame,
+and spends a fifth of the CPU on each.
+
+The socket is an XPUB in manual mode (apps see a PUB): a SUB socket's
+subscription takes effect only if it begins with a live P2P topic (see
+``Subscriptions.notice``), so no peer can read another app's stream, and an
+app is ready once its own SUB socket subscribed. Until then, and while the
+app reads too slowly for ZeroMQ's high-water mark (``XPUB_NODROP`` makes
+libzmq refuse instead of dropping), its frames stay in its buffer and go out
+in order as soon as they can. Buffers are bounded in bytes, per app
+(``buffer_bytes``) and in all (``max_buffered_bytes``); past a bound the
+oldest frames are dropped, counted by reason.
 """
 
 from __future__ import annotations
@@ -17,8 +23,11 @@ from collections import deque
 
 import zmq
 from twisted.logger import Logger
+from zope.interface import implementer
+
 from txthreatbus import codec, logs
 from txthreatbus.connections import XPubConnection
+from txthreatbus.interfaces import IPublisherSocket
 from txthreatbus.model import Intel, Sighting, SnapshotRequest
 
 log = Logger(observer=logs.publisher)
@@ -33,34 +42,65 @@ RETRY_INTERVAL = 0.005
 #: Frames a reactor turn may hold before they go out anyway: a turn that
 #: routes many messages to many apps would otherwise hold them all at once.
 FLUSH_FRAMES = 10_000
+#: Subscription notices ZeroMQ queues per app SUB socket.
+NOTICE_HWM = 100
+#: Bytes a held frame costs beyond its own length (its bytes object and its
+#: place in a deque), so that a bound in bytes also bounds tiny frames.
+FRAME_OVERHEAD = 64
 
 
+@implementer(IPublisherSocket)
 class PublisherConnection(XPubConnection):
-    """The bus's XPUB, told of every app subscription, repeats included."""
+    """
+    The bus's XPUB in manual mode: a SUB socket's (un)subscription takes
+    effect only where ``notify(subscribed, topic)`` returns True.
+    """
 
     def __init__(self, factory, notify, send_hwm: int):
         XPubConnection.__init__(self, factory, notify, send_hwm)
-        self.socket.setsockopt(zmq.XPUB_VERBOSE, 1)
+        self.socket.setsockopt(zmq.XPUB_MANUAL, 1)
+        # ZeroMQ takes in all that a peer's pipe holds at the first read:
+        # a short pipe bounds that work under a flood of subscriptions.
+        self.socket.setsockopt(zmq.RCVHWM, NOTICE_HWM)
+
+    def messageReceived(self, message):
+        # ZeroMQ applies a setsockopt to the peer of the notice read last:
+        # decide now, before the next read.
+        frame = message[0]
+        kind, topic = frame[:1], frame[1:]
+        if kind == b"\x01":
+            if self._notify(True, topic):
+                self.socket.setsockopt(zmq.SUBSCRIBE, topic)
+        elif kind == b"\x00":
+            self._notify(False, topic)
+            self.socket.setsockopt(zmq.UNSUBSCRIBE, topic)
 
 
 class Publisher:
-    """Sends messages to app subscriptions, buffering what cannot go yet."""
+    """
+    Sends messages to app subscriptions, buffering what cannot go yet.
 
-    def __init__(self, clock, metrics, buffer_size: int):
+    @param connection: set once the socket is open; its ``send_from(frames)``
+        sends frames from the left of a deque, removing each one sent, until
+        the socket refuses one, and returns the bytes it sent.
+    """
+
+    def __init__(self, clock, metrics, buffer_bytes: int, max_buffered_bytes: int):
         self._clock = clock
         self._metrics = metrics
-        self._buffer_size = buffer_size
-        self._waiting = {}  # subscriptions holding frames, in order of arrival
+        self._buffer_bytes = buffer_bytes
+        self._max_buffered_bytes = max_buffered_bytes
+        self._throttle = logs.Throttle(clock)
+        #: Subscriptions holding frames, in the order their buffers began:
+        #: the first holds the oldest frame.
+        self._waiting = {}
         self._due = {}  # those of them to flush at the end of this reactor turn
         self._refused = set()  # those whose socket was full, until the retry
-        self._overflowing = set()  # those warned of since their last flush
         self._due_frames = 0  # frames held since _due was last flushed
         self._turn = None  # the call that flushes _due
         self._retry = None  # the call that flushes _refused
-        #: Topics shorter than a P2P topic that some app's SUB socket
-        #: subscribed to (b"": everything); they cover every P2P topic they
-        #: begin. Threat Bus apps subscribe to their own P2P topic instead.
-        self._prefixes = set()
+        #: Bytes held in all buffers, overhead included.
+        self.held_bytes = 0
         self.connection = None
 
     def send(self, sub, message) -> None:
@@ -68,81 +108,109 @@ class Publisher:
         cls = type(message)
         self._metrics.published[_TYPE_NAMES[cls]].inc()
         self._hold(sub, sub.prefix + _SUFFIXES[cls] + codec.encode(message))
-        if sub.ready or self._covered(sub):
-            self._due[sub] = None
+        if sub.readers and sub.pending is not None:
             self._due_frames += 1
-            if self._due_frames >= FLUSH_FRAMES:
-                self._flush_due()
-            elif self._turn is None:
-                self._turn = self._clock.callLater(0, self._end_turn)
+            self._make_due(sub)
+
+    def _make_due(self, sub) -> None:
+        self._due[sub] = None
+        if self._due_frames >= FLUSH_FRAMES:
+            self._flush_due()
+        elif self._turn is None:
+            self._turn = self._clock.callLater(0, self._end_turn)
 
     def _hold(self, sub, frame: bytes) -> None:
-        if sub.pending is not None and len(sub.pending) >= self._buffer_size:
-            # Full: send it all now if the app can take it, else drop the oldest.
-            if not (self._can_send(sub) and self._flush(sub)):
-                sub.pending.popleft()
-                self._metrics.drop("buffer_overflow")
-                if sub not in self._overflowing:
-                    self._overflowing.add(sub)
-                    log.warn("Buffer of {p2p} is full: dropping its oldest messages", p2p=sub.p2p)
+        size = len(frame) + FRAME_OVERHEAD
+        if sub.pending is not None and sub.pending_bytes + size > self._buffer_bytes:
+            # Full: send it all now if the app can take it.
+            if self._can_send(sub):
+                self._flush(sub)
         if sub.pending is None:
             sub.pending = deque()
             self._waiting[sub] = None
         sub.pending.append(frame)
+        sub.pending_bytes += size
+        self.held_bytes += size
+        if sub.pending_bytes > self._buffer_bytes:
+            self._drop_oldest(sub, "buffer_overflow", lambda: sub.pending_bytes > self._buffer_bytes)
+        while self.held_bytes > self._max_buffered_bytes:
+            self._drop_oldest(
+                self._overflowing(), "max_buffered_bytes", lambda: self.held_bytes > self._max_buffered_bytes
+            )
 
-    def _covered(self, sub) -> bool:
-        """Whether a SUB socket subscribed to a short prefix of ``sub``'s topic."""
-        return bool(self._prefixes) and any(sub.prefix.startswith(p) for p in self._prefixes)
+    def _overflowing(self):
+        """
+        Whose frames to drop when all buffers hold too much: the oldest of an
+        app that cannot take them now, so that apps keeping up lose nothing.
+        """
+        for sub in self._waiting:
+            if not sub.readers or sub in self._refused:
+                return sub
+        return next(iter(self._waiting))
 
-    def subscribed(self, sub, ready: bool) -> None:
-        """The app's SUB socket has subscribed (or unsubscribed) to its topic."""
-        sub.ready = ready
-        if ready and sub.pending is not None:
-            self._flush(sub)
+    def _drop_oldest(self, sub, reason: str, over) -> None:
+        """Drop ``sub``'s oldest frames while ``over()``, but not its newest."""
+        pending, dropped = sub.pending, 0
+        while over() and (len(pending) > 1 or reason == "max_buffered_bytes"):
+            size = len(pending.popleft()) + FRAME_OVERHEAD
+            sub.pending_bytes -= size
+            self.held_bytes -= size
+            dropped += 1
+            if not pending:
+                self._forget(sub)
+                break
+        self._metrics.drop(reason, dropped)
+        self._throttle(
+            reason,
+            log.warn,
+            "Dropped the oldest messages of {p2p}: its buffer is over {reason} "
+            "(the app reads too slowly, or never connected)",
+            p2p=sub.p2p,
+            reason=reason,
+        )
 
-    def prefix_subscribed(self, prefix: bytes, subscribed: bool) -> None:
-        """A SUB socket has subscribed (or unsubscribed) to a short ``prefix``."""
-        if not subscribed:
-            self._prefixes.discard(prefix)
-            return
-        self._prefixes.add(prefix)
-        for sub in list(self._waiting):
-            if sub.prefix.startswith(prefix):
-                self._flush(sub)
+    def ready(self, sub) -> None:
+        """
+        The app's SUB socket has subscribed to its topic: send what it holds
+        at the end of this reactor turn (the subscription takes effect once
+        the notice has been handled).
+        """
+        if sub.pending is not None:
+            self._make_due(sub)
 
     def discard(self, sub) -> None:
         """Forget ``sub`` and what it holds (it unsubscribed)."""
+        if sub.pending:
+            self._metrics.drop("unsubscribed", len(sub.pending))
+        self._forget(sub)
+
+    def _forget(self, sub) -> None:
         self._waiting.pop(sub, None)
         self._due.pop(sub, None)
         self._refused.discard(sub)
-        self._overflowing.discard(sub)
-        if sub.pending:
-            self._metrics.drop("unsubscribed", len(sub.pending))
+        self.held_bytes -= sub.pending_bytes
         sub.pending = None
-        sub.ready = False
+        sub.pending_bytes = 0
 
     def _flush(self, sub) -> bool:
         """Send what ``sub`` holds, in order; False if its socket is full again."""
         if self.connection is None:  # not started, or stopped
             return False
-        if not self.connection.send_from(sub.pending):
+        before = len(sub.pending)
+        size = self.connection.send_from(sub.pending) + FRAME_OVERHEAD * (before - len(sub.pending))
+        sub.pending_bytes -= size
+        self.held_bytes -= size
+        if sub.pending:
             self._refused.add(sub)
             if self._retry is None:
                 self._retry = self._clock.callLater(RETRY_INTERVAL, self._retry_refused)
             return False
-        sub.pending = None
-        del self._waiting[sub]
-        self._refused.discard(sub)
-        self._overflowing.discard(sub)
+        self._forget(sub)
         return True
 
     def _can_send(self, sub) -> bool:
         """Whether ``sub`` holds frames its app can take now, as far as we know."""
-        return (
-            sub.pending is not None
-            and sub not in self._refused
-            and (sub.ready or self._covered(sub))
-        )
+        return sub.pending is not None and sub.readers and sub not in self._refused
 
     def _end_turn(self) -> None:
         self._turn = None

@@ -1,9 +1,10 @@
 """
 The SUB side: what apps publish, one frame ``<topic> <json>`` each.
 
-Every frame is decoded and validated before it reaches the bus. Anything
-malformed is dropped, counted by reason and logged (a flood of it at most
-once every 10 s a reason), and the receiver goes on.
+``Receiver`` decodes and validates every frame before it reaches the bus.
+Anything malformed is dropped, counted by reason and logged (a flood of it
+at most once every 10 s a reason), and the receiver goes on.
+``ReceiverConnection`` is the receive-only SUB socket that feeds it.
 """
 
 from __future__ import annotations
@@ -18,23 +19,20 @@ log = Logger(observer=logs.publisher)
 
 #: What apps may publish: wire topic -> metric label.
 TOPICS = {cls.topic.encode(): cls.topic.rsplit("/", 1)[1] for cls in (Intel, Sighting, SnapshotEnvelope)}
+#: The prefix the SUB socket subscribes to.
+PREFIX = b"threatbus/"
 
 
-class ReceiverConnection(BatchedReadConnection):
-    """A receive-only SUB socket subscribed to ``threatbus/``."""
+class Receiver:
+    """Hands each well-formed message that apps publish to ``publish``."""
 
-    socketType = zmq.SUB
-
-    def __init__(self, factory, publish, metrics, clock, receive_hwm: int, max_message_size: int):
+    def __init__(self, publish, metrics, clock):
         self._publish = publish
         self._metrics = metrics
         self._throttle = logs.Throttle(clock)
-        BatchedReadConnection.__init__(self, factory)
-        self.socket.setsockopt(zmq.RCVHWM, receive_hwm)
-        self.socket.setsockopt(zmq.MAXMSGSIZE, max_message_size)
-        self.socket.setsockopt(zmq.SUBSCRIBE, b"threatbus/")
 
-    def messageReceived(self, message):
+    def __call__(self, message) -> None:
+        """Take one message (a list of frames) from an app."""
         if len(message) != 1:
             return self._drop("multipart", "a message of {n} frames", n=len(message))
         topic, space, body = message[0].partition(b" ")
@@ -46,10 +44,23 @@ class ReceiverConnection(BatchedReadConnection):
         try:
             item = codec.decode(topic.decode(), body)
         except codec.DecodeError as e:
-            return self._drop("malformed", "a malformed {kind}: {error}", kind=kind, error=str(e))
+            return self._drop(e.reason, "a malformed {kind}: {error}", kind=kind, error=str(e))
         self._metrics.received[kind].inc()
         self._publish(item)
 
     def _drop(self, reason: str, what: str, **fields):
         self._metrics.drop(reason)
         self._throttle(reason, log.warn, "Dropped " + what + " from an app", **fields)
+
+
+class ReceiverConnection(BatchedReadConnection):
+    """A receive-only SUB socket subscribed to ``threatbus/``, read by ``receive``."""
+
+    socketType = zmq.SUB
+
+    def __init__(self, factory, receive, receive_hwm: int, max_message_size: int):
+        self.messageReceived = receive
+        BatchedReadConnection.__init__(self, factory)
+        self.socket.setsockopt(zmq.RCVHWM, receive_hwm)
+        self.socket.setsockopt(zmq.MAXMSGSIZE, max_message_size)
+        self.socket.setsockopt(zmq.SUBSCRIBE, PREFIX)

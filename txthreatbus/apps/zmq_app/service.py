@@ -1,43 +1,38 @@
 """
 The zmq-app plugin: apps join the bus over ZeroMQ.
 
-``ZmqAppService`` is a ``MultiService`` of three socket services (publisher,
-receiver, manage, started in that order so that the endpoints a subscribe
-reply names exist before anyone can subscribe). It owns the ZeroMQ context
-and the app subscriptions, and it is the ``IApp`` that passes snapshot
-requests on to every app but the one that asked.
+``ZmqAppService`` wires the plugin's pure parts (the publisher and its
+buffers, the subscriptions, the receiver, the management handler) to three
+endpoints that ``IServerSockets`` opens: ZeroMQ sockets, or memory fakes in
+tests. The endpoints are socket services, started in the order publisher,
+receiver, manage, so that the endpoints a subscribe reply names exist before
+anyone can subscribe. It is also the ``IApp`` that passes snapshot requests
+on to every app but the one that asked.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 
-from twisted.application.service import MultiService
-from twisted.internet.defer import succeed
-from twisted.logger import Logger, LogLevel
-from txzmq import ZmqFactory
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import gatherResults, maybeDeferred, succeed
+from twisted.logger import Logger
 from zope.interface import implementer
 
 from txthreatbus import logs
-from txthreatbus.apps.zmq_app.curve import ZapHandler, load_keys, secure
-from txthreatbus.apps.zmq_app.manage import ManageConnection, ManagementHandler
-from txthreatbus.apps.zmq_app.monitor import DisconnectMonitor
-from txthreatbus.apps.zmq_app.publisher import Publisher, PublisherConnection
-from txthreatbus.apps.zmq_app.receiver import ReceiverConnection
-from txthreatbus.apps.zmq_app.sockets import SocketService, bind, tcp_address
-from txthreatbus.apps.zmq_app.subscriptions import P2P_LENGTH, Subscriptions
+from txthreatbus.apps.zmq_app.manage import ManagementHandler
+from txthreatbus.apps.zmq_app.publisher import Publisher
+from txthreatbus.apps.zmq_app.receiver import Receiver
+from txthreatbus.apps.zmq_app.sockets import SocketService, ZmqSockets
+from txthreatbus.apps.zmq_app.subscriptions import Subscriptions
 from txthreatbus.config import ZmqAppConfig
 from txthreatbus.interfaces import IApp
 
 log = Logger(observer=logs.publisher)
 
-#: Milliseconds a closing socket may spend sending what it still holds.
-LINGER_MS = 100
-#: ZeroMQ's per-peer queue bounds, in messages.
-SEND_HWM = 100_000
-RECEIVE_HWM = 100_000
-
 WILDCARD_HOSTS = ("0.0.0.0", "*", "::", "[::]")
+ENDPOINTS = ("manage", "pub", "sub")
 
 
 def advertised_host(config: ZmqAppConfig) -> str:
@@ -49,88 +44,76 @@ def advertised_host(config: ZmqAppConfig) -> str:
     return config.host
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names this machine only (it resolves to a loopback address)."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        pass
+    if host == "localhost" or host.startswith("localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+    except (OSError, ValueError):
+        return False
+
+
 @implementer(IApp)
 class ZmqAppService(MultiService):
-    """The zmq-app plugin of one bus."""
+    """
+    The zmq-app plugin of one bus.
+
+    @param sockets: the ``IServerSockets`` to open; ZeroMQ's by default.
+    """
 
     name = "zmq-app"
 
-    def __init__(self, config: ZmqAppConfig, bus, clock):
+    def __init__(self, config: ZmqAppConfig, bus, clock, sockets=None):
         super().__init__()
         self.config = config
         self._bus = bus
         self._metrics = bus.metrics
         self._clock = clock
-        self._factory = None
-        self.publisher = Publisher(clock, bus.metrics, config.buffer_size)
+        self._opened = False
+        self.sockets = ZmqSockets(config, bus.metrics, clock) if sockets is None else sockets
+        self.publisher = Publisher(clock, bus.metrics, config.buffer_bytes, config.max_buffered_bytes)
+        peer_limit = config.max_subscriptions_per_peer or max(1, config.max_subscriptions // 4)
         self.subscriptions = Subscriptions(
             bus,
             self.publisher,
             clock,
             timeout=config.subscription_timeout,
             limit=config.max_subscriptions,
+            peer_limit=peer_limit,
+            snapshot_timeout=config.snapshot_timeout,
         )
-        self._keys = None
-        if config.curve is not None:
-            # first: the sockets that follow need it to admit anyone
-            SocketService("zap", self._open_zap).setServiceParent(self)
-        self._publisher_socket = SocketService("pub", self._open_publisher)
-        self._receiver_socket = SocketService("sub", self._open_receiver)
-        self._manage_socket = SocketService("manage", self._open_manage)
-        for child in (self._publisher_socket, self._receiver_socket, self._manage_socket):
+        self.receiver = Receiver(bus.publish, bus.metrics, clock)
+        self._sockets = {
+            "pub": SocketService("pub", self._open_publisher),
+            "sub": SocketService("sub", self._open_receiver),
+            "manage": SocketService("manage", self._open_manage),
+        }
+        for child in self._sockets.values():
             child.setServiceParent(self)
-        bus.add_app(self)
-
-    # --- ports, known once bound
 
     @property
     def ports(self) -> dict:
         """The bound ports by config key (``manage``, ``pub``, ``sub``)."""
-        return {
-            "manage": self._manage_socket.port,
-            "pub": self._publisher_socket.port,
-            "sub": self._receiver_socket.port,
-        }
+        return {key: self._sockets[key].port for key in ENDPOINTS}
 
-    # --- sockets
-
-    def _zmq(self) -> ZmqFactory:
-        if self._factory is None:
-            self._factory = ZmqFactory()
-            self._factory.lingerPeriod = LINGER_MS
-        return self._factory
-
-    def _bind(self, connection, key: str) -> int:
-        if self._keys is not None:
-            secure(connection, self._keys)
-        return bind(connection, tcp_address(self.config.host, getattr(self.config, key)), key)
-
-    def _open_zap(self):
-        self._keys = load_keys(self.config.curve)
-        return ZapHandler(self._zmq(), self._keys, self._metrics), None
+    # --- endpoints
 
     def _open_publisher(self):
-        connection = PublisherConnection(self._zmq(), self._subscription_changed, SEND_HWM)
-        port = self._bind(connection, "pub")
+        connection, port = self.sockets.publisher(self.subscriptions.notice, self.config.pub)
         self.publisher.connection = connection
         return connection, port
 
     def _open_receiver(self):
-        connection = ReceiverConnection(
-            self._zmq(),
-            self._bus.publish,
-            self._metrics,
-            self._clock,
-            RECEIVE_HWM,
-            self.config.max_message_size,
-        )
-        port = self._bind(connection, "sub")
-        DisconnectMonitor(self._zmq(), connection, "sub", self._metrics, LogLevel.info)
-        return connection, port
+        return self.sockets.receiver(self.receiver, self.config.sub)
 
     def _open_manage(self):
         host = advertised_host(self.config)
-        pub, sub = self._publisher_socket.port, self._receiver_socket.port
+        pub, sub = self._sockets["pub"].port, self._sockets["sub"].port
         handler = ManagementHandler(
             self.subscriptions,
             {
@@ -142,54 +125,71 @@ class ZmqAppService(MultiService):
             self._metrics,
             self._clock,
         )
-        connection = ManageConnection(
-            self._zmq(), handler.handle, self._metrics, self._clock, self.config.max_message_size
-        )
-        port = self._bind(connection, "manage")
-        # request-reply clients come and go: their leaving is no news
-        DisconnectMonitor(self._zmq(), connection, "manage", self._metrics, LogLevel.debug)
-        return connection, port
+        return self.sockets.manage(handler.handle, self.config.manage)
 
-    def _subscription_changed(self, subscribed: bool, topic: bytes) -> None:
-        if len(topic) < P2P_LENGTH:
-            self.publisher.prefix_subscribed(topic, subscribed)
-            return
-        sub = self.subscriptions.get(topic[:P2P_LENGTH].decode("ascii", "replace"))
-        if sub is not None:
-            self.publisher.subscribed(sub, subscribed)
+    def _say_where(self) -> None:
+        host, advertised = self.config.host, advertised_host(self.config)
+        for key in ENDPOINTS:
+            log.info(
+                "zmq-app {endpoint} endpoint listening on {host}:{port}, advertised to apps as "
+                "{advertised}:{port}, CURVE {curve}",
+                endpoint=key,
+                host=host,
+                port=self._sockets[key].port,
+                advertised=advertised,
+                curve="on" if self.sockets.curve else "off",
+            )
+        if host in WILDCARD_HOSTS and is_loopback(advertised):
+            log.warn(
+                "zmq-app listens on all interfaces ({host}) but tells apps to connect to "
+                "{advertised}, which is this machine only: set advertise_host to a name or "
+                "address that apps elsewhere can reach",
+                host=host,
+                advertised=advertised,
+            )
 
     # --- IApp
 
     def snapshot(self, request, requester):
-        for sub in self.subscriptions:
-            if sub is not requester:
-                sub(request)
+        self.subscriptions.pass_on(request, requester)
         return succeed(None)
 
     # --- lifecycle
 
     def privilegedStartService(self):
+        if self._opened:
+            return
+        self._opened = True
         try:
             super().privilegedStartService()
         except Exception:
-            self._close()
+            self._flush()
+            for child in self:
+                child.close()
+            self.sockets.close().addErrback(
+                lambda f: log.failure("Closing the zmq-app after a failed start failed", f)
+            )
             raise
+        self._say_where()
 
     def startService(self):
         self.privilegedStartService()
         super().startService()
 
     def stopService(self):
-        d = super().stopService()
-        d.addCallback(lambda _: self._close())
-        return d
+        """Send what is due, close the endpoints, then free the sockets."""
+        if not self._opened:
+            return succeed(None)
+        Service.stopService(self)
+        self._flush()
+        stopped = gatherResults(
+            [maybeDeferred(child.stopService) for child in reversed(list(self))], consumeErrors=True
+        )
+        stopped.addCallback(lambda _: self.sockets.close())
+        return stopped.addErrback(lambda f: log.failure("Stopping the zmq-app failed", f))
 
-    def _close(self):
+    def _flush(self) -> None:
+        self._opened = False
         self.publisher.stop()
         self.publisher.connection = None
         self.subscriptions.clear()
-        for child in self:
-            child.close()
-        factory, self._factory = self._factory, None
-        if factory is not None:
-            factory.shutdown()
