@@ -45,7 +45,8 @@ plugins:
   backbones:
     inmem: {}
   apps:
-    zmq-app: {host: 127.0.0.1, manage: 13370, pub: 13371, sub: 13372}
+    zmq-app: {host: 127.0.0.1, manage: 13370, pub: 13371, sub: 13372,
+              max_subscriptions_per_peer: 10000}  # the memory row's 10,000 from one host
 """
 
 
@@ -88,7 +89,9 @@ def idle_subscription_memory(server: str, n: int = 10_000) -> float:
         before = rss_kib(proc.pid)
         for _ in range(n):
             req.send_json({"action": "subscribe", "topic": "threatbus/intel"})
-            req.recv_json()
+            reply = req.recv_json()
+            if reply.get("status") != "success":
+                raise SystemExit(f"idle subscriptions: a subscribe was answered {reply}")
         time.sleep(0.5)
         after = rss_kib(proc.pid)
         ctx.destroy(0)

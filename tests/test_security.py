@@ -99,6 +99,22 @@ class NoBlockingTests(SynchronousTestCase):
         self.assertEqual(len(warnings), 3)  # 25 s of the clock: once every 10 s
 
 
+    def test_retry_when_drained(self):
+        """What a full socket refused goes out when ZeroMQ says it drained, without waiting for the timer."""
+        world = World()
+        sub = world.app()
+        peer = world.peers[sub]
+        peer.hwm = 2
+        world.publish(*(intel(i) for i in range(5)))
+        self.assertEqual(len(sub.pending), 3)
+        self.assertEqual(world.ids(peer.receive()), ["intel-0", "intel-1"])  # drained: the next two go
+        self.assertEqual(world.ids(peer.receive()), ["intel-2", "intel-3"])
+        self.assertEqual(world.ids(peer.receive()), ["intel-4"])
+        self.assertIsNone(sub.pending)
+        self.assertEqual(world.publisher.held_bytes, 0)
+        self.assertEqual(world.clock.getDelayedCalls(), [])
+
+
 class MemoryBoundTests(SynchronousTestCase):
     """Buffers are bounded in bytes, per app and in all."""
 

@@ -35,6 +35,11 @@ class BatchedReadConnection(ZmqConnection):
     frame = None
 
     def doRead(self):
+        """The reactor's call: the socket's descriptor is readable (ZeroMQ has news)."""
+        self.read()
+
+    def read(self):
+        """Read a batch, and schedule the next one if there may be more."""
         # Reading until EAGAIN re-arms ZeroMQ's edge-triggered descriptor,
         # whatever messageReceived sent meanwhile, so txZMQ's per-message
         # ZMQ_EVENTS check and logging context are not needed. After a
@@ -71,7 +76,7 @@ class BatchedReadConnection(ZmqConnection):
             if size >= self.batch_bytes:
                 break
         if self.factory is not None:
-            self.read_scheduled = self.factory.reactor.callLater(0, self.doRead)
+            self.read_scheduled = self.factory.reactor.callLater(0, self.read)
 
 
 class XPubConnection(BatchedReadConnection):
@@ -89,27 +94,24 @@ class XPubConnection(BatchedReadConnection):
         self.socket.setsockopt(zmq.XPUB_NODROP, 1)
         self.socket.setsockopt(zmq.SNDHWM, send_hwm)
 
-    def send_from(self, frames) -> int:
+    def send_from(self, frames) -> bool:
         """
         Send the single-frame messages of the deque ``frames`` from its left,
-        removing each one sent, until the socket refuses one (full); return
-        the bytes sent.
+        removing each one sent; False if the socket refused one (full).
         """
         send = self.socket.send
-        sent = 0
         try:
             while frames:
-                frame = frames[0]
-                send(frame, zmq.NOBLOCK)
+                send(frames[0], zmq.NOBLOCK)
                 frames.popleft()
-                sent += len(frame)
+            return True
         except zmq.Again:
-            pass
-        # As txZMQ's send does: ZeroMQ may not signal what arrived
-        # (subscriptions) after we touched the socket.
-        if self.read_scheduled is None:
-            self.read_scheduled = self.factory.reactor.callLater(0, self.doRead)
-        return sent
+            return False
+        finally:
+            # As txZMQ's send does: ZeroMQ may not signal what arrived
+            # (subscriptions) after we touched the socket.
+            if self.read_scheduled is None:
+                self.read_scheduled = self.factory.reactor.callLater(0, self.read)
 
     def messageReceived(self, message):
         frame = message[0]

@@ -51,11 +51,15 @@ class IConnection(Interface):
 class IPublisherSocket(IConnection):
     """The socket that sends apps their messages."""
 
+    drained = Attribute(
+        "None, or a callable that the socket calls when it may take frames it refused"
+    )
+
     def send_from(frames):
         """
         Send single-frame messages from the left of the deque ``frames``,
-        removing each one sent, until the socket refuses one (an app's queue
-        is full); return the bytes sent.
+        removing each one sent; False if the socket refused one (an app's
+        queue is full), True if it took them all.
         """
 
 

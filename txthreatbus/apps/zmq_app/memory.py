@@ -68,14 +68,18 @@ class MemorySub:
         return len(self.queue) >= self.hwm
 
     def receive(self) -> list:
-        """Every frame that arrived and was not read yet."""
+        """Every frame that arrived and was not read yet (the XPUB is told it drained)."""
         frames = list(self.queue)
         self.queue.clear()
+        if frames and self._xpub.drained is not None:
+            self._xpub.drained()
         return frames
 
 
 @implementer(IPublisherSocket)
 class MemoryXPub(_Closable):
+    drained = None
+
     def __init__(self, notify):
         self.notify = notify
         self.peers = []
@@ -92,21 +96,19 @@ class MemoryXPub(_Closable):
         self.peers.append(peer)
         return peer
 
-    def send_from(self, frames) -> int:
+    def send_from(self, frames) -> bool:
         self.calls += 1
-        sent = 0
         while frames:
             frame = frames[0]
             matching = [p for p in self.peers if p.matches(frame)]
             if any(p.full for p in matching):
-                break
+                return False
             for peer in matching:
                 peer.queue.append(frame)
             if not matching:
                 self.unmatched += 1
             self.sent.append(frames.popleft())
-            sent += len(frame)
-        return sent
+        return True
 
 
 @implementer(IConnection)

@@ -37,7 +37,8 @@ _SUFFIXES = {
 }
 _TYPE_NAMES = {cls: cls.topic.rsplit("/", 1)[1] for cls in _SUFFIXES}
 
-#: Seconds between tries to send to an app whose socket was full.
+#: Seconds between tries to send to an app whose socket was full, unless
+#: ZeroMQ says sooner that it drained.
 RETRY_INTERVAL = 0.005
 #: Frames a reactor turn may hold before they go out anyway: a turn that
 #: routes many messages to many apps would otherwise hold them all at once.
@@ -63,6 +64,16 @@ class PublisherConnection(XPubConnection):
         # a short pipe bounds that work under a flood of subscriptions.
         self.socket.setsockopt(zmq.RCVHWM, NOTICE_HWM)
 
+    #: Called when ZeroMQ may take frames it refused: set by the publisher.
+    drained = None
+
+    def doRead(self):
+        # ZeroMQ wakes the descriptor when a peer's full queue has drained
+        # (among other news): the time to retry what the socket refused.
+        XPubConnection.doRead(self)
+        if self.drained is not None and self.factory is not None:
+            self.drained()
+
     def messageReceived(self, message):
         # ZeroMQ applies a setsockopt to the peer of the notice read last:
         # decide now, before the next read.
@@ -80,9 +91,7 @@ class Publisher:
     """
     Sends messages to app subscriptions, buffering what cannot go yet.
 
-    @param connection: set once the socket is open; its ``send_from(frames)``
-        sends frames from the left of a deque, removing each one sent, until
-        the socket refuses one, and returns the bytes it sent.
+    @param connection: set once the socket is open: an ``IPublisherSocket``.
     """
 
     def __init__(self, clock, metrics, buffer_bytes: int, max_buffered_bytes: int):
@@ -107,10 +116,29 @@ class Publisher:
         """Send ``message`` to the app of ``sub``, at the end of this reactor turn."""
         cls = type(message)
         self._metrics.published[_TYPE_NAMES[cls]].inc()
-        self._hold(sub, sub.prefix + _SUFFIXES[cls] + codec.encode(message))
+        frame = sub.prefix + _SUFFIXES[cls] + codec.encode(message)
+        size = len(frame) + FRAME_OVERHEAD
+        pending = sub.pending
+        if pending is None:
+            pending = sub.pending = deque()
+            self._waiting[sub] = None
+        elif sub.pending_bytes + size > self._buffer_bytes and self._can_send(sub) and self._flush(sub):
+            # It was full, and the app could take it all at once.
+            pending = sub.pending = deque()
+            self._waiting[sub] = None
+        pending.append(frame)
+        sub.pending_bytes += size
+        self.held_bytes += size
+        if sub.pending_bytes > self._buffer_bytes or self.held_bytes > self._max_buffered_bytes:
+            self._bound(sub)
         if sub.readers and sub.pending is not None:
+            # (the hot path: _make_due, inline)
+            self._due[sub] = None
             self._due_frames += 1
-            self._make_due(sub)
+            if self._due_frames >= FLUSH_FRAMES:
+                self._flush_due()
+            elif self._turn is None:
+                self._turn = self._clock.callLater(0, self._end_turn)
 
     def _make_due(self, sub) -> None:
         self._due[sub] = None
@@ -119,18 +147,8 @@ class Publisher:
         elif self._turn is None:
             self._turn = self._clock.callLater(0, self._end_turn)
 
-    def _hold(self, sub, frame: bytes) -> None:
-        size = len(frame) + FRAME_OVERHEAD
-        if sub.pending is not None and sub.pending_bytes + size > self._buffer_bytes:
-            # Full: send it all now if the app can take it.
-            if self._can_send(sub):
-                self._flush(sub)
-        if sub.pending is None:
-            sub.pending = deque()
-            self._waiting[sub] = None
-        sub.pending.append(frame)
-        sub.pending_bytes += size
-        self.held_bytes += size
+    def _bound(self, sub) -> None:
+        """Drop the oldest frames past ``buffer_bytes`` for ``sub``, and past ``max_buffered_bytes`` in all."""
         if sub.pending_bytes > self._buffer_bytes:
             self._drop_oldest(sub, "buffer_overflow", lambda: sub.pending_bytes > self._buffer_bytes)
         while self.held_bytes > self._max_buffered_bytes:
@@ -196,17 +214,18 @@ class Publisher:
         """Send what ``sub`` holds, in order; False if its socket is full again."""
         if self.connection is None:  # not started, or stopped
             return False
-        before = len(sub.pending)
-        size = self.connection.send_from(sub.pending) + FRAME_OVERHEAD * (before - len(sub.pending))
-        sub.pending_bytes -= size
-        self.held_bytes -= size
-        if sub.pending:
-            self._refused.add(sub)
-            if self._retry is None:
-                self._retry = self._clock.callLater(RETRY_INTERVAL, self._retry_refused)
-            return False
-        self._forget(sub)
-        return True
+        pending = sub.pending
+        if self.connection.send_from(pending):
+            self._forget(sub)
+            return True
+        # Refused part way: count what is left (rare, and in C).
+        left = sum(map(len, pending)) + FRAME_OVERHEAD * len(pending)
+        self.held_bytes -= sub.pending_bytes - left
+        sub.pending_bytes = left
+        self._refused.add(sub)
+        if self._retry is None:
+            self._retry = self._clock.callLater(RETRY_INTERVAL, self._retry_refused)
+        return False
 
     def _can_send(self, sub) -> bool:
         """Whether ``sub`` holds frames its app can take now, as far as we know."""
@@ -223,7 +242,14 @@ class Publisher:
             if self._can_send(sub):
                 self._flush(sub)
 
+    def drained(self) -> None:
+        """The socket may take frames it refused: send them now."""
+        if self._refused:
+            self._retry_refused()
+
     def _retry_refused(self) -> None:
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
         self._retry = None
         refused, self._refused = self._refused, set()
         for sub in refused:

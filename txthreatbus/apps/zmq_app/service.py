@@ -105,6 +105,7 @@ class ZmqAppService(MultiService):
 
     def _open_publisher(self):
         connection, port = self.sockets.publisher(self.subscriptions.notice, self.config.pub)
+        connection.drained = self.publisher.drained
         self.publisher.connection = connection
         return connection, port
 

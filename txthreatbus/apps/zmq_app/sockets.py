@@ -27,7 +27,7 @@ from txthreatbus import logs
 from txthreatbus.apps.zmq_app.curve import ZapHandler, load_keys, secure
 from txthreatbus.apps.zmq_app.manage import ManageConnection
 from txthreatbus.apps.zmq_app.monitor import DisconnectMonitor
-from txthreatbus.apps.zmq_app.publisher import PublisherConnection
+from txthreatbus.apps.zmq_app.publisher import FLUSH_FRAMES, PublisherConnection
 from txthreatbus.apps.zmq_app.receiver import ReceiverConnection
 from txthreatbus.config import ZmqAppConfig
 from txthreatbus.interfaces import IServerSockets
@@ -36,8 +36,12 @@ log = Logger(observer=logs.publisher)
 
 #: Milliseconds a closing socket may spend sending what it still holds.
 LINGER_MS = 100
-#: Frames ZeroMQ queues per app SUB socket before it refuses (XPUB_NODROP).
-SEND_HWM = 1000
+#: Frames ZeroMQ queues per app SUB connection before it refuses
+#: (XPUB_NODROP): two reactor turns' worth (publisher.FLUSH_FRAMES), so that
+#: an app that keeps up takes a turn's frames at once even while the last
+#: turn's are still going out (10,000 cost the 10-subscriber benchmark a
+#: tenth; 100,000 allowed gigabytes per connection).
+SEND_HWM = 2 * FLUSH_FRAMES
 #: Messages ZeroMQ queues per publishing app at most; fewer, so that they
 #: hold at most ``max_buffered_bytes`` of the largest messages allowed.
 RECEIVE_HWM = 1000

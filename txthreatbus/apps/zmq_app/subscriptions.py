@@ -28,7 +28,7 @@ from twisted.logger import Logger
 
 from txthreatbus import logs
 from txthreatbus.bus import Bus
-from txthreatbus.model import SnapshotRequest
+from txthreatbus.model import MessageType, SnapshotRequest
 
 log = Logger(observer=logs.publisher)
 
@@ -248,8 +248,8 @@ class Subscriptions:
 
     def _release(self, snapshot_id: str) -> None:
         """A snapshot of this instance is over: stop holding its requests."""
-        for key in [k for k in self._requests if k[0] == snapshot_id]:
-            self._forget(key)
+        for snapshot_type in MessageType:
+            self._forget((snapshot_id, snapshot_type))
 
     def _forget(self, key) -> None:
         held = self._requests.pop(key, None)
