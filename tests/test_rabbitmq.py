@@ -857,6 +857,16 @@ class StopTests(SynchronousTestCase):
         self.assertEqual(h.clock.getDelayedCalls(), [])
         self.assertEqual(h.metrics.dropped("backbone_unsent"), 1)
 
+    def test_start_guarded(self):
+        """Starting twice connects once."""
+        backbone = RabbitMQBackbone(RabbitMQConfig(), Metrics(), Clock())
+        backbone.attach(lambda message: None)
+        connects = []
+        self.patch(backbone, "_connect", lambda: connects.append(1))
+        backbone.startService()
+        backbone.startService()
+        self.assertEqual(connects, [1])
+
     def test_start_needs_attach(self):
         """Starting without a bus attached is an error, not a backbone that drops everything."""
         backbone = RabbitMQBackbone(RabbitMQConfig(), Metrics(), Clock())

@@ -238,8 +238,12 @@ class BadRequestTests(SynchronousTestCase):
         log = LogCapture(self)
         for _ in range(100):
             self.assertEqual(subscribe(world, snapshot="9" * 5000), {"status": "error"})
+        number = b'{"action": "subscribe", "topic": "threatbus", "snapshot": ' + b"9" * 5000 + b"}"
+        self.assertEqual(world.sockets.router.request(number), {"status": "error"})
+        for snapshot in (1.5, -1, True, [1], {"days": 1}, "1e3", "\uff11"):
+            self.assertEqual(subscribe(world, snapshot=snapshot), {"status": "error"}, snapshot)
         self.assertEqual(log.failures(), [])
-        self.assertEqual(len([e for e in log.events if "snapshot" in e["log_format"]]), 1)
+        self.assertEqual(len([e for e in log.events if "a snapshot that" in e["log_format"]]), 1)
         self.assertEqual(subscribe(world, snapshot="30")["status"], "success")
 
     def test_subscribe_flood_logged_throttled(self):

@@ -726,6 +726,8 @@ class RabbitMQBackbone(Service):
     # --- lifecycle
 
     def startService(self):
+        if self.running:  # started already: one connection
+            return
         if self._deliver is None:
             raise RuntimeError("the RabbitMQ backbone needs attach(deliver) before it starts")
         super().startService()
