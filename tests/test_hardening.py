@@ -192,9 +192,10 @@ class BadInputTests(TestCase):
         logs.publisher.addObserver(events.append)
         self.addCleanup(logs.publisher.removeObserver, events.append)
         address = f"tcp://127.0.0.1:{self.ports['sub']}"
-        pubs = [self.ctx.socket(zmq.PUB, address) for _ in range(200)]
-        await settle(0.2)
+        # XPUBs: the bus's subscription reaching each says its connection is up
+        pubs = [self.ctx.socket(zmq.XPUB, address) for _ in range(200)]
         for pub in pubs:
+            await receive(pub, 1)
             pub.close(0)
         await wait_for(lambda: self.disconnects("sub") == 200, what="200 closed connections counted")
         closed = [e for e in events if "connection to the {endpoint} endpoint closed" in e.get("log_format", "")]

@@ -10,6 +10,7 @@ import time
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, readBody
 
@@ -102,6 +103,16 @@ class MetricsEndpointTests(TestCase):
         top = metrics_bus(self)
         response, _ = await get(top.getServiceNamed("metrics").port, b"/")
         self.assertEqual(response.code, 404)
+
+    async def test_no_access_log(self):
+        """Requests leave no log line each: a peer cannot fill the log through the metrics port."""
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        top = metrics_bus(self)
+        for _ in range(20):
+            await get(top.getServiceNamed("metrics").port)
+        self.assertEqual([e for e in events if "GET /metrics" in formatEvent(e)], [])
 
     async def test_port_while_running(self):
         """The metrics service knows its port while it runs, and forgets it when stopped."""

@@ -379,3 +379,31 @@ class SeamTests(SynchronousTestCase):
         self.assertTrue(verifyObject(IPublisherSocket, world.sockets.xpub))
         self.assertTrue(verifyObject(IConnection, world.sockets.receiver_socket))
         self.assertTrue(verifyObject(IConnection, world.sockets.router))
+
+
+class TreeStopTests(SynchronousTestCase):
+    """The bus's service tree stops every child and loses no error."""
+
+    def test_failing_child(self):
+        """A child that fails to stop is logged, by name; the others stop, and so does the tree."""
+        from twisted.application.service import Service
+        from twisted.internet.defer import fail
+
+        from txthreatbus.services import BusService
+
+        class Broken(Service):
+            def stopService(self):
+                Service.stopService(self)
+                return fail(RuntimeError("boom"))
+
+        log = LogCapture(self)
+        top = BusService()
+        first, broken, last = Service(), Broken(), Service()
+        for name, child in (("first", first), ("broken", broken), ("last", last)):
+            child.setName(name)
+            child.setServiceParent(top)
+        top.startService()
+        self.successResultOf(top.stopService())
+        self.assertEqual([c.running for c in (first, broken, last)], [0, 0, 0])
+        self.assertEqual([e["service"] for e in log.failures()], ["broken"])
+        self.flushLoggedErrors(RuntimeError)

@@ -161,6 +161,13 @@ class MetricsService(StreamServerEndpointService):
         return super().stopService()
 
 
+class QuietSite(Site):
+    """A site without an access log: whoever reaches the port could fill it, a line a request."""
+
+    def log(self, request):
+        pass
+
+
 def metrics_service(metrics: Metrics, host: str, port: int, reactor=None):
     """A service serving ``metrics`` in Prometheus text format on ``/metrics``."""
     root = Resource()
@@ -168,7 +175,7 @@ def metrics_service(metrics: Metrics, host: str, port: int, reactor=None):
     description = f"tcp:{port}:interface={host.replace(':', chr(92) + ':')}"
     if reactor is None:
         from twisted.internet import reactor
-    service = MetricsService(serverFromString(reactor, description), Site(root))
+    service = MetricsService(serverFromString(reactor, description), QuietSite(root))
     # as strports.service does: a port in use aborts start-up
     service._raiseSynchronously = True
     return service

@@ -23,6 +23,7 @@ from txthreatbus.backbones.rabbitmq import RabbitMQBackbone
 from txthreatbus.bus import Bus
 from txthreatbus.logs import LoggingService
 from txthreatbus.metrics import Metrics, metrics_service
+from txthreatbus.services import BusService
 
 
 class Options(usage.Options):
@@ -49,7 +50,7 @@ def _backbone(config, metrics, reactor):
     return InMemoryBackbone()
 
 
-class TwistdBus(MultiService):
+class TwistdBus(BusService):
     """
     The bus as twistd runs it: a failure to start (a port in use, a key or
     log file that cannot be read) ends twistd with one clear line and exit
@@ -80,13 +81,13 @@ def _exit_on_startup_error():
 def bus_service(config: configuration.Config, reactor=None, top=None, sockets=None) -> MultiService:
     """
     The bus that ``config`` describes, as one service tree: built into
-    ``top``, a new ``MultiService`` by default. ``sockets`` are the zmq-app's
+    ``top``, a new ``BusService`` by default. ``sockets`` are the zmq-app's
     (``IServerSockets``): ZeroMQ's by default.
     """
     if reactor is None:
         from twisted.internet import reactor
     if top is None:
-        top = MultiService()
+        top = BusService()
     top.setName("txthreatbus")
     LoggingService(config.logging).setServiceParent(top)
     metrics = Metrics()

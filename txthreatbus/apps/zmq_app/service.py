@@ -16,7 +16,7 @@ import ipaddress
 import socket
 
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import gatherResults, maybeDeferred, succeed
+from twisted.internet.defer import succeed
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -28,6 +28,7 @@ from txthreatbus.apps.zmq_app.sockets import SocketService, ZmqSockets
 from txthreatbus.apps.zmq_app.subscriptions import Subscriptions
 from txthreatbus.config import ZmqAppConfig
 from txthreatbus.interfaces import IApp
+from txthreatbus.services import stop_children
 
 log = Logger(observer=logs.publisher)
 
@@ -183,9 +184,7 @@ class ZmqAppService(MultiService):
             return succeed(None)
         Service.stopService(self)
         self._flush()
-        stopped = gatherResults(
-            [maybeDeferred(child.stopService) for child in reversed(list(self))], consumeErrors=True
-        )
+        stopped = stop_children(self)
         stopped.addCallback(lambda _: self.sockets.close())
         return stopped.addErrback(lambda f: log.failure("Stopping the zmq-app failed", f))
 
