@@ -331,7 +331,7 @@ class StartupTests(TestCase):
         self.assertIn("in use", str(error))
         # nothing is left bound: the other ports can be had again
         self.assertIsNone(zmq_app_of(top).sockets._factory)
-        self.assertFalse(zmq_app_of(top)._sockets["pub"].connection)
+        self.assertFalse(zmq_app_of(top)._endpoints["pub"].connection)
 
     async def test_restart(self):
         """Stop then start in one process works: the ports are released and bound again."""

@@ -89,18 +89,18 @@ class ZmqAppService(MultiService):
             snapshot_timeout=config.snapshot_timeout,
         )
         self.receiver = Receiver(bus.publish, bus.metrics, clock)
-        self._sockets = {
+        self._endpoints = {
             "pub": SocketService("pub", self._open_publisher),
             "sub": SocketService("sub", self._open_receiver),
             "manage": SocketService("manage", self._open_manage),
         }
-        for child in self._sockets.values():
+        for child in self._endpoints.values():
             child.setServiceParent(self)
 
     @property
     def ports(self) -> dict:
         """The bound ports by config key (``manage``, ``pub``, ``sub``)."""
-        return {key: self._sockets[key].port for key in ENDPOINTS}
+        return {key: self._endpoints[key].port for key in ENDPOINTS}
 
     # --- endpoints
 
@@ -115,7 +115,7 @@ class ZmqAppService(MultiService):
 
     def _open_manage(self):
         host = advertised_host(self.config)
-        pub, sub = self._sockets["pub"].port, self._sockets["sub"].port
+        pub, sub = self._endpoints["pub"].port, self._endpoints["sub"].port
         handler = ManagementHandler(
             self.subscriptions,
             {
@@ -137,7 +137,7 @@ class ZmqAppService(MultiService):
                 "{advertised}:{port}, CURVE {curve}",
                 endpoint=key,
                 host=host,
-                port=self._sockets[key].port,
+                port=self._endpoints[key].port,
                 advertised=advertised,
                 curve="on" if self.sockets.curve else "off",
             )

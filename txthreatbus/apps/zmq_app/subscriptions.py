@@ -87,7 +87,7 @@ class AppSubscription:
         return f"<AppSubscription {self.p2p} to {self.topic}>"
 
 
-@attrs.define(eq=False)
+@attrs.frozen(eq=False)
 class _HeldRequest:
     number: int
     request: SnapshotRequest
@@ -229,7 +229,7 @@ class Subscriptions:
                     owed = True
         if not owed:  # every other app has it
             return
-        if len(self._requests) >= 2 * self._limit:
+        if len(self._requests) >= 2 * self._limit:  # two (intel, sightings) per subscription
             self._bus.metrics.drop("snapshot_requests_held")
             self._forget(next(iter(self._requests)))
         self._requests[key] = _HeldRequest(
