@@ -2,7 +2,7 @@
 """
 Benchmark txthreatbus against the yardstick, back to back.
 
-Runs each workload of ../shared/bench/e2e.py against txthreatbus
+Runs each workload of e2e.py (beside this script) against txthreatbus
 (``twistd -n zmq-app``) and against limit_server.py, alternating, takes the
 median of --runs runs of each, and prints a table of ratios against the
 targets. Also measures the resident memory an idle subscription costs.
@@ -25,7 +25,6 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SHARED = os.path.join(HERE, "..", "..", "shared", "bench")
 
 # name, e2e.py arguments, figure, target ratio, better when
 WORKLOADS = [
@@ -103,8 +102,8 @@ def idle_subscription_memory(server: str, n: int = 10_000) -> float:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--limit-server", default=os.path.join(SHARED, "limit_server.py"))
-    ap.add_argument("--e2e", default=os.path.join(SHARED, "e2e.py"))
+    ap.add_argument("--limit-server", default=os.path.join(HERE, "limit_server.py"))
+    ap.add_argument("--e2e", default=os.path.join(HERE, "e2e.py"))
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--only", help="run only workloads whose name contains this")
     args = ap.parse_args()
