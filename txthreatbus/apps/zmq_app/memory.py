@@ -83,10 +83,9 @@ class MemoryXPub(_Closable):
     def __init__(self, notify):
         self.notify = notify
         self.peers = []
-        #: Every frame the socket took, in order, and how many it went to no
-        #: peer (ZeroMQ drops those).
+        #: Every frame the socket took, in order (those that match no peer's
+        #: subscription ZeroMQ drops).
         self.sent = []
-        self.unmatched = 0
         #: Calls of send_from: each one is one batch for ZeroMQ.
         self.calls = 0
 
@@ -105,8 +104,6 @@ class MemoryXPub(_Closable):
                 return False
             for peer in matching:
                 peer.queue.append(frame)
-            if not matching:
-                self.unmatched += 1
             self.sent.append(frames.popleft())
         return True
 
