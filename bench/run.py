@@ -108,13 +108,18 @@ def main():
     ap.add_argument("--only", help="run only workloads whose name contains this")
     args = ap.parse_args()
 
-    config = tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False)
-    config.write(CONFIG)
-    config.close()
-    pidfile = os.path.join(tempfile.mkdtemp(), "twistd.pid")
-    twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
-    ours = f"{twistd} --pidfile {pidfile} -n zmq-app --config {config.name}"
-    limit = f"{sys.executable} {args.limit_server}"
+    with tempfile.TemporaryDirectory(prefix="txthreatbus-bench-") as scratch:
+        config = os.path.join(scratch, "config.yaml")
+        with open(config, "w") as f:
+            f.write(CONFIG)
+        twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+        ours = f"{twistd} --pidfile {os.path.join(scratch, 'twistd.pid')} -n zmq-app --config {config}"
+        ok = run(args, ours, f"{sys.executable} {args.limit_server}")
+    sys.exit(0 if ok else 1)
+
+
+def run(args, ours: str, limit: str) -> bool:
+    """Run the workloads against ``ours`` and ``limit``, print the table; whether every target was met."""
 
     rows = []
     ok = True
@@ -150,8 +155,7 @@ def main():
         ok &= met
         print(f"| memory | RSS per idle subscription (10,000) | {per_sub:,.0f} B | | | <= 4096 B | | "
               f"{'yes' if met else 'NO'} |")
-    os.unlink(config.name)
-    sys.exit(0 if ok else 1)
+    return ok
 
 
 if __name__ == "__main__":

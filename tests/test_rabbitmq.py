@@ -344,7 +344,7 @@ class PublishTests(SynchronousTestCase):
     """What the backbone sends, and what it keeps until the broker confirms."""
 
     def test_persistent_with_message_id(self):
-        """A message goes to its type's exchange as PROTOCOL JSON, persistent, with a uuid4 id."""
+        """A message goes to its type's exchange as protocol JSON, persistent, with a uuid4 id."""
         h = Harness(self)
         fake = h.start_up()
         message = intel("i-1")
@@ -1115,7 +1115,7 @@ class BackboneBrokerTests(BrokerTestCase):
         self.assertGreaterEqual(backbone_sample(b2.metrics, "reconnects"), 1)
 
     async def test_threat_bus_interoperates(self):
-        """We publish persistent PROTOCOL JSON with ids; Threat Bus's id-less messages arrive."""
+        """We publish persistent protocol JSON with ids; Threat Bus's id-less messages arrive."""
         backbone, got = self.backbone(self.config("a"))
         await wait_for(lambda: backbone.connected, what="the backbone to connect")
         channel = await self.channel()

@@ -46,7 +46,7 @@ def intel(i) -> dict:
 
 
 class ManagementTests(TestCase):
-    """Every row of PROTOCOL.md's management table."""
+    """Every row of docs/protocol.md's management table."""
 
     def setUp(self):
         self.top = start_bus(self)

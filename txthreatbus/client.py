@@ -1,5 +1,5 @@
 """
-The client library: an app's side of the zmq-app protocol (PROTOCOL.md), on
+The client library: an app's side of the zmq-app protocol (docs/protocol.md), on
 Twisted and txZMQ. It talks to txthreatbus and to Threat Bus 2020.11.26 alike.
 
 A ``Client`` is a ``MultiService``; each ``Subscription`` is one of its

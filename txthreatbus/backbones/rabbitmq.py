@@ -8,7 +8,7 @@ Layout: one fanout exchange per message type (``threatbus.intel``,
 (transient, redeclared on every connect), and one queue per instance and
 type, ``threatbus.<type>.<name_suffix or hostname>``, bound to its exchange;
 names are joined with ``naming_join_pattern``. Bodies are the JSON of
-PROTOCOL.md. Every instance, this one included, takes what it publishes back
+docs/protocol.md. Every instance, this one included, takes what it publishes back
 from its own queues: local traffic goes through the broker, never also
 straight to the local bus.
 

@@ -1,6 +1,6 @@
 """
 The management endpoint: subscribe, unsubscribe and heartbeat, JSON over
-request-reply, with exactly the replies of PROTOCOL.md.
+request-reply, with exactly the replies of docs/protocol.md.
 
 ``ManagementHandler.handle`` turns any request frames into a reply dict and
 never raises; ``ManageConnection`` puts it on a ROUTER socket (apps see a
