@@ -351,3 +351,59 @@ class ConfigErrorTests(ConfigTestCase):
         e = self.assertRaises(ConfigError, config.load, path)
         self.assertIn(path, str(e))
         self.assertIn("plugins.apps.zmq-app.manage:", str(e))
+
+
+class EnvironmentTests(ConfigTestCase):
+    """THREATBUS_* environment variables override config keys, as Threat Bus 2021+ reads them."""
+
+    def test_override_file(self):
+        """A variable's value, read as YAML, replaces the file's key; the others stay."""
+        path = self.write("plugins:\n  apps:\n    zmq-app: {host: 127.0.0.1, manage: 1000}\n")
+        loaded = config.load(
+            path,
+            {
+                "THREATBUS_PLUGINS__APPS__ZMQ_APP__HOST": "0.0.0.0",
+                "THREATBUS_PLUGINS__APPS__ZMQ_APP__PUB": "2000",
+                "THREATBUS_LOGGING__CONSOLE": "false",
+                "HOME": "/root",
+            },
+        )
+        self.assertEqual(
+            (loaded.zmq_app.host, loaded.zmq_app.manage, loaded.zmq_app.pub, loaded.logging.console),
+            ("0.0.0.0", 1000, 2000, False),
+        )
+
+    def test_without_file(self):
+        """With no file, variables build the sections they name, a backbone included."""
+        loaded = config.load(
+            None,
+            {
+                "THREATBUS_PLUGINS__BACKBONES__RABBITMQ__HOST": "broker.example.org",
+                "THREATBUS_METRICS__PORT": "9200",
+            },
+        )
+        self.assertEqual(loaded.backbone.host, "broker.example.org")
+        self.assertEqual(loaded.metrics.port, 9200)
+        self.assertEqual(config.load(None, {}), config.Config())
+
+    def test_checked_as_a_file(self):
+        """A wrong value or key from a variable is a ConfigError naming the key."""
+        for variables, words in (
+            ({"THREATBUS_PLUGINS__APPS__ZMQ_APP__MANAGE": "70000"}, ("plugins.apps.zmq-app.manage:",)),
+            ({"THREATBUS_PLUGINS__APPS__ZMQ_APP__COLOR": "red"}, ("plugins.apps.zmq-app.color:", "unknown key")),
+            ({"THREATBUS_LOGGING__CONSOLE__X": "1"}, ("THREATBUS_LOGGING__CONSOLE__X", "logging.console is not a section")),
+            ({"THREATBUS_LOGGING____X": "1"}, ("THREATBUS_LOGGING____X", "not a config key's path")),
+        ):
+            path = self.write("logging: {console: true}\n")
+            error = self.assertRaises(config.ConfigError, config.load, path, variables)
+            for word in words:
+                self.assertIn(word, str(error))
+
+    def test_twistd_reads_environment(self):
+        """twistd zmq-app applies the process's THREATBUS_* variables, with or without --config."""
+        from txthreatbus.tap import Options
+
+        self.patch(os, "environ", {**os.environ, "THREATBUS_PLUGINS__APPS__ZMQ_APP__MANAGE": "14370"})
+        options = Options()
+        options.parseOptions([])
+        self.assertEqual(options["config"].zmq_app.manage, 14370)

@@ -638,7 +638,7 @@ def summarize(config: configuration.Config) -> List[str]:
 
 async def check_config_command(reactor, args) -> int:
     try:
-        config = configuration.load(args.config_file)
+        config = configuration.load(args.config_file, os.environ)
     except configuration.ConfigError as e:
         _error("check-config", str(e))
         return 1

@@ -11,14 +11,16 @@ An existing Threat Bus ``config.yaml`` works unchanged::
         zmq-app: {host: 127.0.0.1, manage: 13370, pub: 13371, sub: 13372}
     metrics: {host: 127.0.0.1, port: 9100}   # optional
 
-Every key has a default. Anything wrong (a missing file, bad YAML, an
+Every key has a default, and ``THREATBUS_*`` environment variables override
+keys (``with_environment``). Anything wrong (a missing file, bad YAML, an
 unknown key or plugin, a wrong type, a port out of range) raises
 ``ConfigError`` with one line that names the key.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Union
+import copy
+from typing import Mapping, Optional, Union
 
 import attrs
 import yaml
@@ -159,8 +161,13 @@ class Config:
 # --- loading
 
 
-def load(path: str) -> Config:
-    """The configuration in the YAML file ``path``."""
+def load(path: Optional[str], environ: Mapping[str, str] = {}) -> Config:
+    """
+    The configuration in the YAML file ``path`` (None: no file, the
+    defaults), with the ``THREATBUS_*`` variables of ``environ`` over it.
+    """
+    if path is None:
+        return from_mapping(with_environment({}, environ))
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
@@ -169,13 +176,13 @@ def load(path: str) -> Config:
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: the config file is not UTF-8 text") from None
     try:
-        return parse(text)
+        return parse(text, environ)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
 
 
-def parse(text: str) -> Config:
-    """The configuration in YAML ``text``."""
+def parse(text: str, environ: Mapping[str, str] = {}) -> Config:
+    """The configuration in YAML ``text``, with the ``THREATBUS_*`` variables of ``environ`` over it."""
     try:
         document = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -185,7 +192,46 @@ def parse(text: str) -> Config:
         problem = " ".join(str(getattr(e, "problem", None) or e).split())
         raise ConfigError(f"invalid YAML{where}: {problem}") from None
     # An empty file is all defaults; any other non-mapping is an error.
-    return from_mapping({} if document is None else document)
+    document = {} if document is None else _mapping(document, "the top level")
+    return from_mapping(with_environment(document, environ))
+
+
+#: Environment variables over config keys, as Threat Bus 2021 and later read
+#: them: THREATBUS_ then the key's path, upper case, joined by __, e.g.
+#: THREATBUS_PLUGINS__APPS__ZMQ_APP__HOST for plugins.apps.zmq-app.host.
+ENV_PREFIX = "THREATBUS_"
+#: Keys spelled with a dash, which a variable name spells with _.
+_DASHED = {name.replace("-", "_"): name for name in APPS}
+
+
+def with_environment(document: dict, environ: Mapping[str, str]) -> dict:
+    """
+    A copy of ``document`` with each ``THREATBUS_*`` variable of ``environ``
+    set at its key's path; values are read as YAML (``13370`` a number,
+    ``true`` a boolean, ``0.0.0.0`` a string). The result is checked as a
+    config file is.
+    """
+    document = copy.deepcopy(document)
+    for name in sorted(environ):
+        if not name.startswith(ENV_PREFIX):
+            continue
+        path = [_DASHED.get(part.lower(), part.lower()) for part in name[len(ENV_PREFIX):].split("__")]
+        if not all(path):
+            raise ConfigError(f"{name}: not a config key's path (KEY__KEY__...)")
+        node = document
+        for depth, key in enumerate(path[:-1]):
+            child = node.setdefault(key, {})
+            if child is None:
+                child = node[key] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"{name}: {'.'.join(path[:depth + 1])} is not a section")
+            node = child
+        try:
+            value = yaml.safe_load(environ[name])
+        except yaml.YAMLError:
+            value = environ[name]
+        node[path[-1]] = value
+    return document
 
 
 def from_mapping(document: dict) -> Config:

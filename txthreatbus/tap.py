@@ -9,6 +9,7 @@ application; ``makeService`` is what twistd calls.
 from __future__ import annotations
 
 import gc
+import os
 from contextlib import contextmanager
 
 from twisted.application.service import MultiService
@@ -33,13 +34,19 @@ class Options(usage.Options):
         "defaults: in-memory backbone, 127.0.0.1:13370 (manage), 13371 (pub), 13372 (sub)."
     )
     optParameters = [
-        ["config", "c", None, "a Threat Bus config.yaml (logging, plugins, metrics)"],
+        [
+            "config",
+            "c",
+            None,
+            "a Threat Bus config.yaml (logging, plugins, metrics); THREATBUS_* environment "
+            "variables override its keys",
+        ],
     ]
 
     def postOptions(self):
         path = self["config"]
         try:
-            self["config"] = configuration.load(path) if path else configuration.Config()
+            self["config"] = configuration.load(path, os.environ)
         except configuration.ConfigError as e:
             raise usage.UsageError(str(e)) from None
 
