@@ -407,3 +407,28 @@ class EnvironmentTests(ConfigTestCase):
         options = Options()
         options.parseOptions([])
         self.assertEqual(options["config"].zmq_app.manage, 14370)
+
+
+class PortTests(ConfigTestCase):
+    """Each listening endpoint needs a port of its own."""
+
+    def test_same_port_twice(self):
+        """Two endpoints on one port of one host are refused, naming both keys."""
+        self.assertConfigError(
+            "plugins: {apps: {zmq-app: {pub: 13370}}}",
+            "plugins.apps.zmq-app.pub: port 13370 is plugins.apps.zmq-app.manage's too",
+        )
+        self.assertConfigError(
+            "metrics: {host: 127.0.0.1, port: 13372}",
+            "metrics.port: port 13372 is plugins.apps.zmq-app.sub's too",
+        )
+        self.assertConfigError(
+            "plugins: {apps: {zmq-app: {host: 0.0.0.0}}}\nmetrics: {host: 127.0.0.1, port: 13371}",
+            "metrics.port",
+        )
+
+    def test_allowed(self):
+        """Port 0 (any free port) repeats freely, and other hosts may share a port number."""
+        config.parse("plugins: {apps: {zmq-app: {manage: 0, pub: 0, sub: 0}}}\nmetrics: {port: 0}")
+        config.parse("plugins: {apps: {zmq-app: {host: 127.0.0.1}}}\nmetrics: {host: 127.0.0.2, port: 13370}")
+

@@ -201,7 +201,8 @@ class TwistdTests(TestCase):
         workdir = os.path.abspath(self.mktemp())
         os.makedirs(workdir)
         process = ProcessOutput()
-        argv = [sys.executable, "-c", TWISTD, "-n", "--pidfile", os.path.join(workdir, "twistd.pid")]
+        process.pidfile = os.path.join(workdir, "twistd.pid")
+        argv = [sys.executable, "-c", TWISTD, "-n", "--pidfile", process.pidfile]
         reactor.spawnProcess(process, sys.executable, argv + list(args), env=env, path=workdir)
         self.addCleanup(self.kill, process)
         return process
@@ -294,6 +295,7 @@ plugins:
         self.assertEqual(reason.exitCode, 1, output)
         self.assertIn(f"cannot bind its manage endpoint tcp://127.0.0.1:{port}", output)
         self.assertNotIn("Traceback", output)
+        self.assertFalse(os.path.exists(process.pidfile), "twistd.pid is left behind")
 
 
 class TwistdBusTests(TestCase):

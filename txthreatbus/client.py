@@ -51,6 +51,7 @@ from txzmq import ZmqConnection, ZmqEndpoint, ZmqEndpointType, ZmqFactory, ZmqRE
 from zope.interface import Attribute, Interface, implementer
 
 from txthreatbus import codec, logs
+from txthreatbus.config import WILDCARD_HOSTS
 from txthreatbus.connections import BatchedReadConnection, XPubConnection
 from txthreatbus.model import Intel, Sighting, SnapshotEnvelope, SnapshotRequest
 
@@ -60,7 +61,7 @@ log = Logger(observer=logs.publisher)
 DEFAULT_ENDPOINT = "127.0.0.1:13370"
 
 #: Hosts a server may advertise that no client can connect to.
-_WILDCARD_HOSTS = ("0.0.0.0", "*", "::", "[::]", "")
+_WILDCARD_HOSTS = (*WILDCARD_HOSTS, "")
 
 #: What a frame from the bus carries, by the suffix after the P2P topic.
 _SUFFIX_TOPICS = {

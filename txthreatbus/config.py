@@ -248,12 +248,31 @@ def from_mapping(document: dict) -> Config:
     _no_unknown(apps, APPS, "plugins.apps.", "app plugin")
     (backbone_name, backbone), = backbones.items() or [("inmem", {})]
     metrics = top.get("metrics")
-    return Config(
+    config = Config(
         logging=_build(LoggingConfig, top.get("logging"), "logging"),
         backbone=_build(BACKBONES[backbone_name], backbone, "plugins.backbones." + backbone_name),
         zmq_app=_build(ZmqAppConfig, apps.get("zmq-app"), "plugins.apps.zmq-app"),
         metrics=None if metrics is None else _build(MetricsConfig, metrics, "metrics"),
     )
+    _distinct_ports(config)
+    return config
+
+
+#: Hosts that mean every interface.
+WILDCARD_HOSTS = ("0.0.0.0", "*", "::", "[::]")
+
+
+def _distinct_ports(config: Config) -> None:
+    """Refuse two listening endpoints on one port of one host (0, any free port, excepted)."""
+    app = config.zmq_app
+    endpoints = [(f"plugins.apps.zmq-app.{key}", app.host, getattr(app, key)) for key in ("manage", "pub", "sub")]
+    if config.metrics is not None:
+        endpoints.append(("metrics.port", config.metrics.host, config.metrics.port))
+    for i, (key, host, port) in enumerate(endpoints):
+        for other, other_host, other_port in endpoints[:i]:
+            same_host = host == other_host or host in WILDCARD_HOSTS or other_host in WILDCARD_HOSTS
+            if port and port == other_port and same_host:
+                raise ConfigError(f"{key}: port {port} is {other}'s too; each endpoint needs its own")
 
 
 def _mapping(value, path: str) -> dict:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import os
 from contextlib import contextmanager
+from typing import Optional
 
 from twisted.application.service import MultiService
 from twisted.python import usage
@@ -61,28 +62,47 @@ class TwistdBus(BusService):
     """
     The bus as twistd runs it: a failure to start (a port in use, a key or
     log file that cannot be read) ends twistd with one clear line and exit
-    status 1, not a traceback. twistd starts services synchronously.
+    status 1, not a traceback, and removes the pid file twistd wrote (twistd
+    itself would leave it). twistd starts services synchronously.
+
+    @param pidfile: twistd's pid file, if any.
     """
 
+    def __init__(self, pidfile: Optional[str] = None):
+        super().__init__()
+        self._pidfile = pidfile
+
     def privilegedStartService(self):
-        with _exit_on_startup_error():
+        with self._exit_on_startup_error():
             super().privilegedStartService()
 
     def startService(self):
-        with _exit_on_startup_error():
+        with self._exit_on_startup_error():
             super().startService()
         # What start-up made lives as long as the process: keep it out of
         # the cyclic garbage collector's full passes, which would otherwise
         # scan it all and stall the reactor for milliseconds.
         gc.freeze()
 
+    @contextmanager
+    def _exit_on_startup_error(self):
+        try:
+            yield
+        except (BindError, CurveKeyError, OSError) as e:
+            self._remove_pidfile()
+            raise SystemExit(f"txthreatbus cannot start: {e}") from None
 
-@contextmanager
-def _exit_on_startup_error():
-    try:
-        yield
-    except (BindError, CurveKeyError, OSError) as e:
-        raise SystemExit(f"txthreatbus cannot start: {e}") from None
+    def _remove_pidfile(self) -> None:
+        """Remove the pid file if it is this process's."""
+        if not self._pidfile:
+            return
+        try:
+            with open(self._pidfile) as f:
+                ours = f.read().strip() == str(os.getpid())
+            if ours:
+                os.remove(self._pidfile)
+        except OSError:
+            pass
 
 
 def bus_service(config: configuration.Config, reactor=None, top=None, sockets=None) -> MultiService:
@@ -115,4 +135,6 @@ def bus_service(config: configuration.Config, reactor=None, top=None, sockets=No
 
 
 def makeService(options: Options) -> MultiService:
-    return bus_service(options["config"], top=TwistdBus())
+    parent = getattr(options, "parent", None)  # twistd's own options
+    pidfile = parent.get("pidfile") if parent is not None else None
+    return bus_service(options["config"], top=TwistdBus(pidfile and os.path.abspath(pidfile)))

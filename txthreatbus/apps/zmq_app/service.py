@@ -26,13 +26,12 @@ from txthreatbus.apps.zmq_app.publisher import Publisher
 from txthreatbus.apps.zmq_app.receiver import Receiver
 from txthreatbus.apps.zmq_app.sockets import SocketService, ZmqSockets
 from txthreatbus.apps.zmq_app.subscriptions import Subscriptions
-from txthreatbus.config import ZmqAppConfig
+from txthreatbus.config import WILDCARD_HOSTS, ZmqAppConfig
 from txthreatbus.interfaces import IApp
 from txthreatbus.services import stop_children
 
 log = Logger(observer=logs.publisher)
 
-WILDCARD_HOSTS = ("0.0.0.0", "*", "::", "[::]")
 ENDPOINTS = ("manage", "pub", "sub")
 
 
