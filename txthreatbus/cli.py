@@ -40,9 +40,12 @@ from twisted.logger import (
 )
 
 from txthreatbus import __version__, codec, config as configuration, logs
+from txthreatbus.apps.zmq_app.curve import CurveKeyError as ServerCurveKeyError, load_keys
 from txthreatbus.client import (
     DEFAULT_ENDPOINT,
     Client,
+    CurveKeyError,
+    CurveKeys,
     ClientError,
     RequestTimeout,
     parse_endpoint,
@@ -118,6 +121,16 @@ def _common(hide_endpoint: bool = False) -> argparse.ArgumentParser:
             default=3.0,
             metavar="SECONDS",
             help="how long to wait for the bus to answer (default: %(default)s)",
+        )
+        common.add_argument(
+            "--curve-server-key",
+            metavar="FILE",
+            help="for a bus with CurveZMQ on: the bus's public key (its .key certificate file)",
+        )
+        common.add_argument(
+            "--curve-secret-key",
+            metavar="FILE",
+            help="for a bus with CurveZMQ on: this client's secret key (its .key_secret file)",
         )
     verbosity = common.add_mutually_exclusive_group()
     verbosity.add_argument(
@@ -263,6 +276,19 @@ def _log_to_stderr(level: LogLevel) -> None:
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
 
 
+def _curve_keys(parser, args) -> Optional[CurveKeys]:
+    """The CurveZMQ keys the options name, or None; a bad key file ends the command."""
+    if args.curve_server_key is None and args.curve_secret_key is None:
+        return None
+    if args.curve_server_key is None or args.curve_secret_key is None:
+        parser.error("--curve-server-key and --curve-secret-key go together")
+    try:
+        return CurveKeys.from_files(args.curve_server_key, args.curve_secret_key)
+    except CurveKeyError as e:
+        _error(args.command, f"cannot use a CurveZMQ key: {e}")
+        raise SystemExit(1) from None
+
+
 def _error(command: str, text: str) -> None:
     sys.stderr.write(f"txthreatbus {command}: {text}\n")
     sys.stderr.flush()
@@ -301,7 +327,9 @@ def as_json(message) -> str:
 
 
 async def subscribe_command(reactor, args) -> int:
-    client = Client(args.endpoint, request_timeout=args.timeout, heartbeat_interval=args.heartbeat)
+    client = Client(
+        args.endpoint, request_timeout=args.timeout, heartbeat_interval=args.heartbeat, curve=args.curve
+    )
     client.startService()
     # Ctrl-C (SIGINT) or SIGTERM stop the reactor; before it stops, unsubscribe
     reactor.addSystemEventTrigger("before", "shutdown", client.stopService)
@@ -465,7 +493,7 @@ async def publish_command(reactor, args) -> int:
         _error("publish", f"cannot read {args.file}: {e.strerror}")
         return 1
     topic = KINDS[args.kind].topic
-    client = Client(args.endpoint, request_timeout=args.timeout, linger=PUBLISH_LINGER)
+    client = Client(args.endpoint, request_timeout=args.timeout, linger=PUBLISH_LINGER, curve=args.curve)
     client.startService()
     reactor.addSystemEventTrigger("before", "shutdown", client.stopService)
     try:
@@ -559,7 +587,7 @@ def _regular_file_size(stream) -> int:
 
 
 async def ping_command(reactor, args) -> int:
-    client = Client(args.endpoint, request_timeout=args.timeout, linger=0)
+    client = Client(args.endpoint, request_timeout=args.timeout, linger=0, curve=args.curve)
     timings = []
 
     async def timed(payload):
@@ -639,7 +667,10 @@ def summarize(config: configuration.Config) -> List[str]:
 async def check_config_command(reactor, args) -> int:
     try:
         config = configuration.load(args.config_file, os.environ)
-    except configuration.ConfigError as e:
+        if config.zmq_app.curve is not None:
+            # as start-up will: a missing or bad key file is an error now
+            load_keys(config.zmq_app.curve)
+    except (configuration.ConfigError, ServerCurveKeyError) as e:
         _error("check-config", str(e))
         return 1
     sys.stdout.write(f"config OK: {args.config_file}\n" + "\n".join(summarize(config)) + "\n")
@@ -659,7 +690,10 @@ def main(argv=None):
     """The ``txthreatbus`` console script."""
     from twisted.internet.task import react
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if hasattr(args, "curve_server_key"):
+        args.curve = _curve_keys(parser, args)
     _log_to_stderr(
         LogLevel.warn if args.quiet else LogLevel.debug if args.verbose else LogLevel.info
     )

@@ -35,6 +35,7 @@ from typing import Callable, Iterable, List, Optional, Tuple
 
 import attrs
 import zmq
+import zmq.auth
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import (
     CancelledError,
@@ -232,9 +233,52 @@ class ITransport(Interface):
         """Close every socket; a Deferred that fires once what they hold is sent (or lingered)."""
 
 
-def _connect(connection: ZmqConnection, endpoint: str) -> None:
+class CurveKeyError(ValueError):
+    """A CurveZMQ key file that cannot be used; the text says which and why."""
+
+
+@attrs.frozen
+class CurveKeys:
+    """
+    What a client needs to talk to a bus with CurveZMQ on: the bus's public
+    key and the client's own key pair, Z85-encoded as ZeroMQ takes them.
+    """
+
+    server_public: bytes
+    public: bytes
+    secret: bytes
+
+    @classmethod
+    def from_files(cls, server_key_file: str, secret_key_file: str) -> "CurveKeys":
+        """
+        The keys in ZeroMQ certificate files, as ``zmq.auth.create_certificates``
+        writes them: the bus's public ``.key`` and the client's ``.key_secret``.
+        """
+        server_public, _ = _certificate(server_key_file, "the bus's public key")
+        public, secret = _certificate(secret_key_file, "the client's secret key")
+        if secret is None:
+            raise CurveKeyError(f"{secret_key_file}: holds no secret key (the .key_secret file has it)")
+        return cls(server_public, public, secret)
+
+    def secure(self, socket) -> None:
+        """Make ``socket`` a CurveZMQ client of the bus (before it connects)."""
+        socket.curve_serverkey = self.server_public
+        socket.curve_publickey = self.public
+        socket.curve_secretkey = self.secret
+
+
+def _certificate(path: str, what: str):
+    try:
+        return zmq.auth.load_certificate(path)
+    except (OSError, ValueError) as e:
+        raise CurveKeyError(f"{path} ({what}): {getattr(e, 'strerror', None) or e}") from None
+
+
+def _connect(connection: ZmqConnection, endpoint: str, curve: Optional[CurveKeys] = None) -> None:
     if _host(endpoint).startswith("["):
         connection.socket.setsockopt(zmq.IPV6, 1)
+    if curve is not None:
+        curve.secure(connection.socket)
     connection.addEndpoints([ZmqEndpoint(ZmqEndpointType.connect, "tcp://" + endpoint)])
 
 
@@ -242,10 +286,10 @@ def _connect(connection: ZmqConnection, endpoint: str) -> None:
 class ManageConnection(ZmqREQConnection):
     """A DEALER that frames like REQ, with a Deferred per request (txZMQ)."""
 
-    def __init__(self, factory, endpoint: str):
+    def __init__(self, factory, endpoint: str, curve: Optional[CurveKeys] = None):
         ZmqREQConnection.__init__(self, factory)
         self.socket.setsockopt(zmq.LINGER, 0)
-        _connect(self, endpoint)
+        _connect(self, endpoint, curve)
 
     def messageReceived(self, message):
         # [id, b"", reply...]; anything else would raise in the reactor's read loop
@@ -268,11 +312,13 @@ class SubscriberConnection(BatchedReadConnection):
 
     socketType = zmq.SUB
 
-    def __init__(self, factory, endpoint: str, receive: Callable[[bytes], None]):
+    def __init__(
+        self, factory, endpoint: str, receive: Callable[[bytes], None], curve: Optional[CurveKeys] = None
+    ):
         self._receive = receive
         BatchedReadConnection.__init__(self, factory)
         self.socket.setsockopt(zmq.LINGER, 0)
-        _connect(self, endpoint)
+        _connect(self, endpoint, curve)
 
     #: Messages read per turn of the reactor: under a flood, heartbeats,
     #: their replies and signals must not wait behind it.
@@ -302,10 +348,12 @@ class PublisherConnection(XPubConnection):
     and refuses (``zmq.Again``) rather than drops when its queue is full.
     """
 
-    def __init__(self, factory, endpoint: str, notify, linger: float, send_hwm: int):
+    def __init__(
+        self, factory, endpoint: str, notify, linger: float, send_hwm: int, curve: Optional[CurveKeys] = None
+    ):
         XPubConnection.__init__(self, factory, notify, send_hwm)
         self.socket.setsockopt(zmq.LINGER, int(linger * 1000))
-        _connect(self, endpoint)
+        _connect(self, endpoint, curve)
 
     def close(self) -> None:
         if self.socket is not None:
@@ -320,13 +368,17 @@ class ZmqTransport:
     @param linger: seconds a closed publisher socket may spend sending what
         ZeroMQ still holds; ``close()`` waits for that in a thread.
     @param send_hwm: messages ZeroMQ queues per publisher before it pushes back.
+    @param curve: ``CurveKeys`` for a bus with CurveZMQ on, else None.
     """
 
-    def __init__(self, linger: float = 2.0, send_hwm: int = 10_000, reactor=None):
+    def __init__(
+        self, linger: float = 2.0, send_hwm: int = 10_000, reactor=None, curve: Optional[CurveKeys] = None
+    ):
         if reactor is None:
             from twisted.internet import reactor
         self.linger = linger
         self._send_hwm = send_hwm
+        self._curve = curve
         self._reactor = reactor
         self._factory: Optional[ZmqFactory] = None
         self._closing: Optional[Deferred] = None
@@ -342,13 +394,13 @@ class ZmqTransport:
         return self._factory
 
     def manage(self, endpoint: str) -> ManageConnection:
-        return ManageConnection(self._zmq(), endpoint)
+        return ManageConnection(self._zmq(), endpoint, self._curve)
 
     def subscriber(self, endpoint: str, receive) -> SubscriberConnection:
-        return SubscriberConnection(self._zmq(), endpoint, receive)
+        return SubscriberConnection(self._zmq(), endpoint, receive, self._curve)
 
     def publisher(self, endpoint: str, notify) -> PublisherConnection:
-        return PublisherConnection(self._zmq(), endpoint, notify, self.linger, self._send_hwm)
+        return PublisherConnection(self._zmq(), endpoint, notify, self.linger, self._send_hwm, self._curve)
 
     def close(self) -> Deferred:
         if self._closing is None:
@@ -839,7 +891,8 @@ class Client(MultiService):
 
     @param endpoint: the bus's management endpoint, ``host:port``.
     @param clock: the ``IReactorTime`` for heartbeats, timeouts and backoff.
-    @param transport: makes the sockets (default: ``ZmqTransport(linger)``).
+    @param transport: makes the sockets (default: ``ZmqTransport(linger, curve=curve)``).
+    @param curve: ``CurveKeys`` for a bus with CurveZMQ on.
     @param heartbeat_interval: seconds between heartbeats.
     @param request_timeout: seconds to wait for a management reply.
     @param backoff_initial: seconds before the second try to subscribe
@@ -857,6 +910,7 @@ class Client(MultiService):
         backoff_initial: float = 1.0,
         backoff_max: float = 30.0,
         linger: float = 2.0,
+        curve: Optional[CurveKeys] = None,
     ):
         super().__init__()
         if clock is None:
@@ -871,7 +925,7 @@ class Client(MultiService):
                 raise ValueError(f"{name} must be > 0, not {value!r}")
         self.endpoint = parse_endpoint(endpoint)
         self.clock = clock
-        self.transport = transport if transport is not None else ZmqTransport(linger=linger)
+        self.transport = transport if transport is not None else ZmqTransport(linger=linger, curve=curve)
         self.heartbeat_interval = heartbeat_interval
         self.request_timeout = request_timeout
         self.backoff_initial = backoff_initial
