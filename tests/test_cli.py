@@ -18,7 +18,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from txthreatbus import codec
-from txthreatbus.cli import LineReader, build_parser, describe, parse_line
+from txthreatbus.cli import LineReader, build_parser, describe, parse_command_line, parse_line
 from txthreatbus.model import Intel
 from tests.support import DEADLINE, start_bus, wait_for, zmq_app_of
 from tests.test_client import INTEL, SIGHTING, free_ports
@@ -194,6 +194,29 @@ class CommandTests(TestCase):
         self.assertIn(f"no answer from Threat Bus at 127.0.0.1:{port} within 0.3 s", err)
         self.assertNotIn("Traceback", err)
 
+    async def test_unresolvable_host(self):
+        """A host name that does not resolve is said so, not 'no answer'."""
+        for command in (["ping"], ["subscribe", "threatbus"], ["publish", "intel", "-"]):
+            code, out, err = await run(self, *command, "--endpoint", "no-such-host.invalid:13370", stdin=b"")
+            self.assertEqual(code, 1, err)
+            self.assertIn(
+                f"txthreatbus {command[0]}: cannot resolve 'no-such-host.invalid' (the host of "
+                "no-such-host.invalid:13370)",
+                err,
+            )
+            self.assertNotIn("no answer", err)
+
+    async def test_subscribe_unknown_topic(self):
+        """A subscribe the bus refuses for its topic names the topics there are."""
+        top = start_bus(self)
+        code, out, err = await run(self, "subscribe", "intel", "--endpoint", manage_endpoint(top))
+        self.assertEqual(code, 1)
+        self.assertIn(
+            "cannot subscribe to 'intel' at " + manage_endpoint(top) + ": Threat Bus answered 'error' "
+            "to subscribe (the topics are threatbus/intel, threatbus/sighting, threatbus)",
+            err,
+        )
+
     async def test_publish_reports_bad_lines(self):
         """publish reports each invalid line by number on stderr, skips it, and sums up."""
         top = start_bus(self)
@@ -328,6 +351,17 @@ class HelperTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(Deferred.fromCoroutine(reader.lines())), [b"d"])
         self.assertIsNone(self.successResultOf(Deferred.fromCoroutine(reader.lines())))
         self.assertEqual(reader.position, 6)
+
+    def test_options_anywhere(self):
+        """Options may stand between a command's arguments; errors and --help still work."""
+        parser = build_parser()
+        args = parse_command_line(parser, ["publish", "intel", "--no-progress", "big.jsonl"])
+        self.assertEqual((args.command, args.kind, args.file, args.no_progress), ("publish", "intel", "big.jsonl", True))
+        args = parse_command_line(parser, ["subscribe", "--json", "threatbus", "--snapshot", "3"])
+        self.assertEqual((args.topic, args.json, args.snapshot), ("threatbus", True, 3))
+        self.assertEqual(parse_command_line(parser, ["ping"]).run.__name__, "ping_command")
+        for argv in ([], ["dance"], ["publish", "intel", "a", "b"], ["ping", "--nope"]):
+            self.assertRaises(SystemExit, parse_command_line, parser, argv)
 
     def test_parser_defaults(self):
         """Every network command defaults to 127.0.0.1:13370 and a 3 s timeout."""

@@ -19,6 +19,7 @@ messages), a bad config, an unreadable file; 2 wrong usage.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
 import queue
@@ -47,6 +48,7 @@ from txthreatbus.client import (
     CurveKeyError,
     CurveKeys,
     ClientError,
+    RequestFailed,
     RequestTimeout,
     parse_endpoint,
     parse_subscribe_reply,
@@ -242,6 +244,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: The topics a subscription may name.
+TOPICS = ("threatbus/intel", "threatbus/sighting", "threatbus")
+
+
+def parse_command_line(parser: argparse.ArgumentParser, argv: List[str]) -> argparse.Namespace:
+    """
+    ``argv`` parsed with options anywhere after the command, even between
+    its arguments (``publish intel --no-progress FILE``), which argparse's
+    subcommands alone do not allow.
+    """
+    [commands] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not argv or argv[0] not in commands.choices:
+        return parser.parse_args(argv)  # --help, --version, or an error naming the commands
+    args = commands.choices[argv[0]].parse_intermixed_args(argv[1:])
+    args.command = argv[0]
+    return args
+
+
 # --- logging for people
 
 
@@ -352,7 +372,10 @@ async def subscribe_command(reactor, args) -> int:
         _error("subscribe", _unreachable(args))
         return 1
     except ClientError as e:
-        _error("subscribe", f"cannot subscribe to {args.topic!r} at {args.endpoint}: {e}")
+        hint = ""
+        if isinstance(e, RequestFailed) and args.topic not in TOPICS:
+            hint = f" (the topics are {', '.join(TOPICS)})"
+        _error("subscribe", f"cannot subscribe to {args.topic!r} at {args.endpoint}: {e}{hint}")
         return 1
     log.info(
         "Receiving {topic} from {endpoint}; Ctrl-C to stop",
@@ -680,7 +703,27 @@ async def check_config_command(reactor, args) -> int:
 # --- main
 
 
+async def _unresolvable(reactor, endpoint: str) -> Optional[str]:
+    """Why the host of ``endpoint`` cannot be reached by name, or None."""
+    host = endpoint.rpartition(":")[0].strip("[]")
+    try:
+        ipaddress.ip_address(host)
+        return None  # an address needs no resolving
+    except ValueError:
+        pass
+    try:
+        await reactor.resolve(host)
+    except Exception as e:  # DNSLookupError, and whatever a resolver raises
+        return f"cannot resolve {host!r} (the host of {endpoint}): {e.__class__.__name__}"
+    return None
+
+
 async def _main(reactor, args):
+    if hasattr(args, "timeout"):  # a network command: a name that does not resolve says so
+        problem = await _unresolvable(reactor, args.endpoint)
+        if problem is not None:
+            _error(args.command, problem)
+            raise SystemExit(1)
     code = await args.run(reactor, args)
     if code:
         raise SystemExit(code)
@@ -691,7 +734,7 @@ def main(argv=None):
     from twisted.internet.task import react
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_command_line(parser, sys.argv[1:] if argv is None else list(argv))
     if hasattr(args, "curve_server_key"):
         args.curve = _curve_keys(parser, args)
     _log_to_stderr(
