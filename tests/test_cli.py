@@ -194,6 +194,47 @@ class CommandTests(TestCase):
         self.assertIn(f"no answer from Threat Bus at 127.0.0.1:{port} within 0.3 s", err)
         self.assertNotIn("Traceback", err)
 
+    async def interrupt_publish(self, signal_name: str, stdin_tty: bool = False):
+        """A publish reading an open stdin, sent ``signal_name`` after two lines: (code, stderr)."""
+        top = start_bus(self)
+        metrics = top.getServiceNamed("bus").metrics
+        process = Process()
+        argv = command() + ["publish", "intel", "-", "--endpoint", manage_endpoint(top)]
+        if stdin_tty:
+            import pty
+
+            leader, follower = pty.openpty()
+            self.addCleanup(os.close, leader)
+            reactor.spawnProcess(process, argv[0], argv, env=environment(), childFDs={0: follower, 1: "r", 2: "r"})
+            os.close(follower)
+            write = lambda data: os.write(leader, data)  # noqa: E731
+        else:
+            reactor.spawnProcess(process, argv[0], argv, env=environment())
+            write = process.transport.write
+        self.addCleanup(lambda: process.code is None and process.kill())
+        for i in range(2):
+            write((json.dumps({**json.loads(INTEL_LINE), "id": f"i{i}"}) + "\n").encode())
+        await wait_for(lambda: metrics.received["intel"].value == 2 or process.code is not None, what="2 intel")
+        process.transport.signalProcess(signal_name)
+        await wait_for(lambda: process.code is not None, what="the publish to end")
+        return process.code, process.err.decode()
+
+    async def test_interrupt_publish_from_pipe(self):
+        """Ctrl-C on publish from a pipe says how far it got and exits 130, with no traceback or fatal error."""
+        for signal_name in ("INT", "TERM"):
+            code, err = await self.interrupt_publish(signal_name)
+            self.assertEqual(code, 130, err)
+            self.assertIn("interrupted: published 2, skipped 0", err)
+            self.assertNotIn("Traceback", err)
+            self.assertNotIn("Fatal Python error", err)
+
+    async def test_interrupt_publish_from_terminal(self):
+        """The same with stdin a terminal (a pty)."""
+        code, err = await self.interrupt_publish("INT", stdin_tty=True)
+        self.assertEqual(code, 130, err)
+        self.assertIn("interrupted: published 2, skipped 0", err)
+        self.assertNotIn("Fatal Python error", err)
+
     async def test_unresolvable_host(self):
         """A host name that does not resolve is said so, not 'no answer'."""
         for command in (["ping"], ["subscribe", "threatbus"], ["publish", "intel", "-"]):

@@ -13,7 +13,8 @@ reactor with ``twisted.internet.task.react`` and talks to the bus through
 errors, the progress bar) go to stderr.
 
 Exit codes: 0 success; 1 the bus cannot be reached (or stopped taking
-messages), a bad config, an unreadable file; 2 wrong usage.
+messages), a bad config, an unreadable file; 2 wrong usage; 130 a publish
+cut short by Ctrl-C or SIGTERM (it says how far it got).
 """
 
 from __future__ import annotations
@@ -22,14 +23,12 @@ import argparse
 import ipaddress
 import json
 import os
-import queue
 import stat
 import sys
-import threading
 import time
 from typing import List, Optional
 
-from twisted.internet.defer import Deferred, TimeoutError as DeferredTimeoutError
+from twisted.internet.defer import Deferred, TimeoutError as DeferredTimeoutError, fail, succeed
 from twisted.logger import (
     FileLogObserver,
     FilteringLogObserver,
@@ -244,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: The exit status of a command that Ctrl-C or SIGTERM cut short (128 + SIGINT).
+EXIT_INTERRUPTED = 130
+
 #: The topics a subscription may name.
 TOPICS = ("threatbus/intel", "threatbus/sighting", "threatbus")
 
@@ -397,40 +399,56 @@ def _unreachable(args) -> str:
 
 class ChunkReader:
     """
-    Reads a binary stream in a daemon thread, one chunk each time it is
-    asked: the reactor never blocks on a slow pipe, and Ctrl-C never waits
-    for a read.
+    Reads a binary stream a chunk each time it is asked, without a thread:
+    a regular file directly (reading it never waits), anything else (a pipe,
+    a terminal) in non-blocking mode when the reactor says its descriptor is
+    readable. Neither the reactor nor the interpreter's exit ever waits for
+    a read; ``close`` puts the descriptor back as it was.
     """
 
     def __init__(self, stream, reactor, size: int = 1 << 16):
-        self._read = getattr(stream, "read1", stream.read)
+        self._fd = stream.fileno()
         self._reactor = reactor
         self._size = size
-        self._asks: queue.Queue = queue.Queue()
-        threading.Thread(target=self._run, name="txthreatbus-reader", daemon=True).start()
+        self._waiting: Optional[Deferred] = None
+        self._blocking = os.get_blocking(self._fd)
+        self._regular = stat.S_ISREG(os.fstat(self._fd).st_mode)
+        if not self._regular:
+            os.set_blocking(self._fd, False)
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def logPrefix(self) -> str:
+        return "ChunkReader"
 
     def read(self) -> Deferred:
         """A Deferred of the next chunk of bytes; ``b""`` at the end."""
-        d = Deferred()
-        self._asks.put(d)
-        return d
+        try:
+            return succeed(os.read(self._fd, self._size))
+        except BlockingIOError:
+            self._waiting = Deferred()
+            self._reactor.addReader(self)
+            return self._waiting
+        except OSError as e:
+            return fail(e)
+
+    def doRead(self) -> None:
+        """The reactor's call: the descriptor is readable."""
+        self._reactor.removeReader(self)
+        waiting, self._waiting = self._waiting, None
+        if waiting is not None:
+            self.read().chainDeferred(waiting)
+
+    def connectionLost(self, reason) -> None:
+        self.doRead()
 
     def close(self) -> None:
-        self._asks.put(None)
-
-    def _run(self) -> None:
-        while True:
-            d = self._asks.get()
-            if d is None:
-                return
-            try:
-                data = self._read(self._size)
-            except Exception as e:
-                self._reactor.callFromThread(d.errback, e)
-                return
-            self._reactor.callFromThread(d.callback, data)
-            if not data:
-                return
+        if self._waiting is not None:
+            self._reactor.removeReader(self)
+            self._waiting = None
+        if not self._regular:
+            os.set_blocking(self._fd, self._blocking)
 
 
 class LineReader:
@@ -550,6 +568,17 @@ async def publish_command(reactor, args) -> int:
     chunks = ChunkReader(stream, reactor)
     reader = LineReader(chunks)
     number = published = skipped = 0
+    done = False
+
+    def interrupted():
+        # Ctrl-C or SIGTERM before the end: say how far we got (main exits 130)
+        if not done:
+            progress.clear()
+            sys.stderr.write(f"interrupted: published {published}, skipped {skipped}\n")
+            sys.stderr.flush()
+            args.interrupted = True
+
+    reactor.addSystemEventTrigger("before", "shutdown", interrupted)
     try:
         while True:
             lines = await reader.lines()
@@ -589,6 +618,7 @@ async def publish_command(reactor, args) -> int:
         _error("publish", f"cannot read {name}: {e}")
         return 1
     finally:
+        done = True
         chunks.close()
     progress.clear()
     # Unsubscribe, and let the sockets send what they still hold (linger).
@@ -740,7 +770,12 @@ def main(argv=None):
     _log_to_stderr(
         LogLevel.warn if args.quiet else LogLevel.debug if args.verbose else LogLevel.info
     )
-    react(_main, (args,))
+    try:
+        react(_main, (args,))
+    except SystemExit:
+        if getattr(args, "interrupted", False):
+            raise SystemExit(EXIT_INTERRUPTED) from None
+        raise
 
 
 if __name__ == "__main__":
