@@ -45,6 +45,8 @@ RETRY_INTERVAL = 0.005
 FLUSH_FRAMES = 10_000
 #: Subscription notices ZeroMQ queues per app SUB socket.
 NOTICE_HWM = 100
+#: Bytes a subscription notice may have.
+NOTICE_MAX_SIZE = 1024
 #: Bytes a held frame costs beyond its own length (its bytes object and its
 #: place in a deque), so that a bound in bytes also bounds tiny frames.
 FRAME_OVERHEAD = 64
@@ -63,6 +65,9 @@ class PublisherConnection(XPubConnection):
         # ZeroMQ takes in all that a peer's pipe holds at the first read:
         # a short pipe bounds that work under a flood of subscriptions.
         self.socket.setsockopt(zmq.RCVHWM, NOTICE_HWM)
+        # A subscription is a P2P topic and maybe a suffix: ZeroMQ closes the
+        # connection of a peer that sends more than this in one message.
+        self.socket.setsockopt(zmq.MAXMSGSIZE, NOTICE_MAX_SIZE)
 
     #: Called when ZeroMQ may take frames it refused: set by the publisher.
     drained = None
