@@ -1026,7 +1026,7 @@ class Client(MultiService):
             self._subscribing.discard(d)
             sub = Subscription(self, topic, snapshot_days, callback, endpoints)
             sub.setServiceParent(self)
-            log.info("Subscribed to {topic} as {p2p}", topic=topic, p2p=endpoints.p2p)
+            log.debug("Subscribed to {topic} as {p2p}", topic=topic, p2p=endpoints.p2p)
             return sub
 
         def failed(failure):
