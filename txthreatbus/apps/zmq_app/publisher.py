@@ -123,12 +123,10 @@ class Publisher:
         self._metrics.published[_TYPE_NAMES[cls]].inc()
         frame = sub.prefix + _SUFFIXES[cls] + codec.encode(message)
         size = len(frame) + FRAME_OVERHEAD
+        if sub.pending_bytes + size > self._buffer_bytes and self._can_send(sub):
+            self._flush(sub)  # full: send it all now if the app can take it
         pending = sub.pending
         if pending is None:
-            pending = sub.pending = deque()
-            self._waiting[sub] = None
-        elif sub.pending_bytes + size > self._buffer_bytes and self._can_send(sub) and self._flush(sub):
-            # It was full, and the app could take it all at once.
             pending = sub.pending = deque()
             self._waiting[sub] = None
         pending.append(frame)
@@ -155,7 +153,8 @@ class Publisher:
     def _bound(self, sub) -> None:
         """Drop the oldest frames past ``buffer_bytes`` for ``sub``, and past ``max_buffered_bytes`` in all."""
         if sub.pending_bytes > self._buffer_bytes:
-            self._drop_oldest(sub, "buffer_overflow", lambda: sub.pending_bytes > self._buffer_bytes)
+            # its newest frame stays, however large: the bound is on what waits
+            self._drop_oldest(sub, "buffer_overflow", lambda: sub.pending_bytes > self._buffer_bytes, keep=1)
         while self.held_bytes > self._max_buffered_bytes:
             self._drop_oldest(
                 self._overflowing(), "max_buffered_bytes", lambda: self.held_bytes > self._max_buffered_bytes
@@ -171,10 +170,10 @@ class Publisher:
                 return sub
         return next(iter(self._waiting))
 
-    def _drop_oldest(self, sub, reason: str, over) -> None:
-        """Drop ``sub``'s oldest frames while ``over()``, but not its newest."""
+    def _drop_oldest(self, sub, reason: str, over, keep: int = 0) -> None:
+        """Drop ``sub``'s oldest frames while ``over()``, keeping at least ``keep``."""
         pending, dropped = sub.pending, 0
-        while over() and (len(pending) > 1 or reason == "max_buffered_bytes"):
+        while over() and len(pending) > keep:
             size = len(pending.popleft()) + FRAME_OVERHEAD
             sub.pending_bytes -= size
             self.held_bytes -= size

@@ -3,9 +3,9 @@ The zmq-app's sockets, behind a narrow seam.
 
 ``IServerSockets`` (in ``txthreatbus.interfaces``) opens the three
 endpoints for the pure parts of the plugin (publisher, receiver, management
-handler): ``ZmqSockets`` as ZeroMQ sockets (txZMQ connections, CurveZMQ if configured, monitors), and
-``txthreatbus.apps.zmq_app.memory.MemorySockets`` in memory, for tests on a
-``Clock``. ``SocketService`` runs one endpoint as a service: it opens and
+handler): ``ZmqSockets`` as ZeroMQ sockets (txZMQ connections, CurveZMQ if
+configured, monitors), and ``txthreatbus.apps.zmq_app.memory.MemorySockets``
+in memory, for tests on a ``Clock``. ``SocketService`` runs one endpoint as a service: it opens and
 binds it in ``privilegedStartService`` (so that a port in use aborts
 start-up, as twistd starts services synchronously) and closes it in
 ``stopService``.
@@ -19,11 +19,10 @@ import zmq
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import Logger, LogLevel
+from twisted.logger import LogLevel
 from txzmq import ZmqEndpoint, ZmqEndpointType, ZmqFactory
 from zope.interface import implementer
 
-from txthreatbus import logs
 from txthreatbus.apps.zmq_app.curve import ZapHandler, load_keys, secure
 from txthreatbus.apps.zmq_app.manage import ManageConnection
 from txthreatbus.apps.zmq_app.monitor import DisconnectMonitor
@@ -31,8 +30,6 @@ from txthreatbus.apps.zmq_app.publisher import FLUSH_FRAMES, PublisherConnection
 from txthreatbus.apps.zmq_app.receiver import ReceiverConnection
 from txthreatbus.config import ZmqAppConfig
 from txthreatbus.interfaces import IServerSockets
-
-log = Logger(observer=logs.publisher)
 
 #: Milliseconds a closing socket may spend sending what it still holds.
 LINGER_MS = 100
