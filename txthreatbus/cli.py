@@ -40,7 +40,7 @@ from twisted.logger import (
 )
 
 from txthreatbus import __version__, codec, config as configuration, logs
-from txthreatbus.apps.zmq_app.curve import CurveKeyError as ServerCurveKeyError, load_keys
+from txthreatbus.apps.zmq_app.curve import load_keys
 from txthreatbus.client import (
     DEFAULT_ENDPOINT,
     Client,
@@ -723,7 +723,7 @@ async def check_config_command(reactor, args) -> int:
         if config.zmq_app.curve is not None:
             # as start-up will: a missing or bad key file is an error now
             load_keys(config.zmq_app.curve)
-    except (configuration.ConfigError, ServerCurveKeyError) as e:
+    except (configuration.ConfigError, CurveKeyError) as e:
         _error("check-config", str(e))
         return 1
     sys.stdout.write(f"config OK: {args.config_file}\n" + "\n".join(summarize(config)) + "\n")

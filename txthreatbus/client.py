@@ -52,6 +52,7 @@ from txzmq import ZmqConnection, ZmqEndpoint, ZmqEndpointType, ZmqFactory, ZmqRE
 from zope.interface import Attribute, Interface, implementer
 
 from txthreatbus import codec, logs
+from txthreatbus.apps.zmq_app.curve import CurveKeyError
 from txthreatbus.config import WILDCARD_HOSTS
 from txthreatbus.connections import BatchedReadConnection, XPubConnection
 from txthreatbus.model import Intel, Sighting, SnapshotEnvelope, SnapshotRequest
@@ -231,10 +232,6 @@ class ITransport(Interface):
 
     def close():
         """Close every socket; a Deferred that fires once what they hold is sent (or lingered)."""
-
-
-class CurveKeyError(ValueError):
-    """A CurveZMQ key file that cannot be used; the text says which and why."""
 
 
 @attrs.frozen
