@@ -7,9 +7,18 @@ Runs each workload of e2e.py (beside this script) against txthreatbus
 median of --runs runs of each, and prints a table of ratios against the
 targets. Also measures the resident memory an idle subscription costs.
 
-    python bench/run.py [--limit-server PATH] [--e2e PATH] [--runs 3]
+The STIX rows run e2e.py's 2022 generation (threatbus-zmq 2022.5.16,
+STIX-2.1 Indicators on stix2/indicator) against txthreatbus, limit_server.py
+(which routes stix2/ topics just as blindly) and the reference, Threat Bus
+2022.5.16 itself (threatbus, threatbus-zmq and threatbus-inmem from PyPI,
+installed on first use into a venv of its own, by default under
+~/.cache/txthreatbus-bench), and print both txthreatbus/yardstick and
+reference/yardstick. The reference is slow, so it gets fewer messages.
 
-Both servers use ports 13370-13372 on 127.0.0.1: run nothing else there.
+    python bench/run.py [--limit-server PATH] [--e2e PATH] [--runs 3]
+                        [--only NAME] [--skip-reference] [--reference-venv DIR]
+
+All servers use ports 13370-13372 on 127.0.0.1: run nothing else there.
 """
 
 from __future__ import annotations
@@ -35,6 +44,38 @@ WORKLOADS = [
     ("p99 at 1000/s", "throughput -n 3000 --rate 1000 --rate-batch 10", "lat_p99_ms", 2.0, "lower"),
 ]
 
+# The 2022 generation (STIX-2.1): name, e2e.py arguments, the reference's
+# e2e.py arguments (fewer messages: it delivers about 1% of the yardstick's
+# rate), figure, target ratio (None: reported, no target), better when
+STIX_WORKLOADS = [
+    ("STIX 1 subscriber", "throughput --generation 2022 -n 20000 --subscribers 1",
+     "throughput --generation 2022 -n 2000 --subscribers 1", "deliveries_per_s", 0.25, "higher"),
+    ("STIX 10 subscribers", "throughput --generation 2022 -n 2000 --subscribers 10",
+     "throughput --generation 2022 -n 1000 --subscribers 10", "deliveries_per_s", 0.5, "higher"),
+    ("STIX p99 at 500/s", "throughput --generation 2022 -n 3000 --rate 500 --rate-batch 5",
+     "throughput --generation 2022 -n 3000 --rate 500 --rate-batch 5", "lat_p99_ms", None, "lower"),
+]
+
+#: The reference of the STIX rows, pinned, and what it costs to set up.
+REFERENCE_PACKAGES = ["threatbus==2022.5.16", "threatbus-zmq==2022.5.16", "threatbus-inmem==2022.5.16"]
+
+#: Its config (a Threat Bus 2022 config.yaml), logging only warnings as ours does.
+REFERENCE_CONFIG = """\
+logging:
+  console: true
+  console_verbosity: WARNING
+  file: false
+plugins:
+  backbones:
+    inmem: {}
+  apps:
+    zmq:
+      host: 127.0.0.1
+      manage: 13370
+      pub: 13371
+      sub: 13372
+"""
+
 #: Bench config: the defaults, but the log only at warnings, as in production.
 CONFIG = """\
 logging:
@@ -56,6 +97,34 @@ def run_e2e(e2e: str, args: str, server: str) -> dict:
     if out.returncode != 0 or not lines:
         raise SystemExit(f"e2e.py failed ({' '.join(cmd)}):\n{out.stdout}\n{out.stderr}")
     return json.loads(lines[-1])
+
+
+def try_e2e(e2e: str, args: str, server: str):
+    """run_e2e's figures, or None (and why, on stderr) if the run failed."""
+    try:
+        return run_e2e(e2e, args, server)
+    except SystemExit as e:
+        print(e, file=sys.stderr)
+        return None
+
+
+def default_reference_venv() -> str:
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "txthreatbus-bench", "threatbus-2022.5.16")
+
+
+def reference_threatbus(venv: str) -> str:
+    """The ``threatbus`` console script of the reference's venv, installed first if need be."""
+    threatbus = os.path.join(venv, "bin", "threatbus")
+    done = os.path.join(venv, ".installed")  # written last: a half-made venv is made anew
+    if not os.path.exists(done):
+        print(f"installing the reference ({', '.join(REFERENCE_PACKAGES)}) into {venv}", file=sys.stderr)
+        subprocess.run([sys.executable, "-m", "venv", "--clear", venv], check=True)
+        subprocess.run([os.path.join(venv, "bin", "python"), "-m", "pip", "install", "--quiet",
+                        "--disable-pip-version-check", *REFERENCE_PACKAGES], check=True)
+        with open(done, "w") as f:
+            f.write("\n".join(REFERENCE_PACKAGES) + "\n")
+    return threatbus
 
 
 def rss_kib(pid: int) -> int:
@@ -106,6 +175,10 @@ def main():
     ap.add_argument("--e2e", default=os.path.join(HERE, "e2e.py"))
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--only", help="run only workloads whose name contains this")
+    ap.add_argument("--skip-reference", action="store_true",
+                    help="STIX rows: do not run the reference, Threat Bus 2022.5.16")
+    ap.add_argument("--reference-venv", default=default_reference_venv(),
+                    help="the reference's venv, made on first use (default: %(default)s)")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="txthreatbus-bench-") as scratch:
@@ -114,7 +187,19 @@ def main():
             f.write(CONFIG)
         twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
         ours = f"{twistd} --pidfile {os.path.join(scratch, 'twistd.pid')} -n zmq-app --config {config}"
-        ok = run(args, ours, f"{sys.executable} {args.limit_server}")
+        limit = f"{sys.executable} {args.limit_server}"
+        ok = run(args, ours, limit)
+        if any(not args.only or args.only in w[0] for w in STIX_WORKLOADS):
+            reference = None
+            if not args.skip_reference:
+                # a folder of its own: threatbus also reads config.yaml and .env from where it runs
+                refdir = os.path.join(scratch, "reference")
+                os.mkdir(refdir)
+                with open(os.path.join(refdir, "config.yaml"), "w") as f:
+                    f.write(REFERENCE_CONFIG)
+                threatbus = reference_threatbus(args.reference_venv)
+                reference = f"cd {shlex.quote(refdir)} && exec {shlex.quote(threatbus)} -c config.yaml"
+            ok &= run_stix(args, ours, limit, reference)
     sys.exit(0 if ok else 1)
 
 
@@ -140,6 +225,8 @@ def run(args, ours: str, limit: str) -> bool:
         ok &= met
         rows.append((name, figure, ours_v, limit_v, ratio, target, better, loss, met))
 
+    if not rows and args.only and "memory" not in args.only:
+        return ok
     print()
     print("| workload | figure | txthreatbus | limit_server | ratio | target | loss | met |")
     print("|---|---|---:|---:|---:|---:|---:|---|")
@@ -155,6 +242,64 @@ def run(args, ours: str, limit: str) -> bool:
         ok &= met
         print(f"| memory | RSS per idle subscription (10,000) | {per_sub:,.0f} B | | | <= 4096 B | | "
               f"{'yes' if met else 'NO'} |")
+    return ok
+
+
+def run_stix(args, ours: str, limit: str, reference: str | None) -> bool:
+    """Run the STIX workloads against ``ours``, ``limit`` and ``reference``
+    (None: skipped), print their table; whether every target was met."""
+
+    servers = [("ours", ours), ("limit", limit)] + ([("ref", reference)] if reference else [])
+    rows = []
+    ok = True
+    for name, wargs, ref_args, figure, target, better in STIX_WORKLOADS:
+        if args.only and args.only not in name:
+            continue
+        results = {who: [] for who, _ in servers}
+        failed = set()  # a server that failed a run of this row is not run again for it
+        for _ in range(args.runs):
+            for who, server in servers:
+                if who in failed:
+                    continue
+                r = try_e2e(args.e2e, ref_args if who == "ref" else wargs, server)
+                if r is None:
+                    failed.add(who)
+                    continue
+                results[who].append(r)
+                print(f"  {name:20} {who:5} {json.dumps(r)}", file=sys.stderr)
+
+        def median(who):
+            rs = results.get(who)
+            return statistics.median(r[figure] for r in rs) if rs else None
+
+        def loss(who):
+            rs = results.get(who)
+            return max(r.get("loss", 0) + r.get("wrong_topic", 0) for r in rs) if rs else None
+
+        ours_v, limit_v, ref_v = median("ours"), median("limit"), median("ref")
+        ratio = ours_v / limit_v if ours_v is not None and limit_v else None
+        ref_ratio = ref_v / limit_v if ref_v is not None and limit_v else None
+        met = ratio is not None and loss("ours") == 0 and (
+            target is None or (ratio >= target if better == "higher" else ratio <= target))
+        ok &= met
+        rows.append((name, figure, ours_v, limit_v, ref_v, ratio, ref_ratio, target, better,
+                     loss("ours"), loss("ref"), met))
+
+    def num(v, fmt="{:,.1f}"):
+        return "failed" if v is None else fmt.format(v)
+
+    print()
+    print("| workload | figure | txthreatbus | stix yardstick | reference | txthreatbus/yardstick "
+          "| reference/yardstick | target | loss | reference loss | met |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    for name, figure, o, l, r, ratio, ref_ratio, target, better, loss_o, loss_r, met in rows:
+        sign = ">=" if better == "higher" else "<="
+        print(
+            f"| {name} | {figure} | {num(o)} | {num(l)} | {'skipped' if reference is None else num(r)} "
+            f"| {num(ratio, '{:.2f}')} | {'' if reference is None else num(ref_ratio, '{:.3f}')} "
+            f"| {'-' if target is None else f'{sign} {target}'} | {num(loss_o, '{}')} "
+            f"| {'' if reference is None else num(loss_r, '{}')} | {'yes' if met else 'NO'} |"
+        )
     return ok
 
 
