@@ -27,7 +27,7 @@ SUBSCRIPTIONS = ("txthreatbus_subscriptions", ())
 def metrics_bus(testcase):
     """A running bus whose metrics endpoint listens on a free port of 127.0.0.1."""
     config = Config(
-        zmq_app=ZmqAppConfig(manage=0, pub=0, sub=0),
+        apps={"zmq-app": ZmqAppConfig(manage=0, pub=0, sub=0)},
         metrics=MetricsConfig(host="127.0.0.1", port=0),
     )
     return start_bus(testcase, config)

@@ -78,11 +78,18 @@ class EnumerationTests(SynchronousTestCase):
                 "threatbus/sighting",
                 "threatbus/snapshotrequest",
                 "threatbus/snapshotenvelope",
+                "stix2/indicator",
+                "stix2/sighting",
             },
         )
         self.assertEqual(
             MESSAGE_TYPES,
-            {"threatbus/intel": MessageType.INTEL, "threatbus/sighting": MessageType.SIGHTING},
+            {
+                "threatbus/intel": MessageType.INTEL,
+                "threatbus/sighting": MessageType.SIGHTING,
+                "stix2/indicator": MessageType.INTEL,
+                "stix2/sighting": MessageType.SIGHTING,
+            },
         )
 
 
@@ -235,14 +242,14 @@ class SnapshotTests(SynchronousTestCase):
     def test_envelope_body_mismatch(self):
         """A body that does not match snapshot_type is refused, naming both."""
         e = self.assertRaises(ValueError, SnapshotEnvelope, MessageType.INTEL, "id", sighting())
-        self.assertIn("INTEL snapshot envelope must carry Intel, not Sighting", str(e))
+        self.assertIn("INTEL snapshot envelope must carry Intel or Indicator, not Sighting", str(e))
         e = self.assertRaises(ValueError, SnapshotEnvelope, MessageType.SIGHTING, "id", intel())
-        self.assertIn("SIGHTING snapshot envelope must carry Sighting, not Intel", str(e))
+        self.assertIn("SIGHTING snapshot envelope must carry Sighting or Sighting, not Intel", str(e))
 
     def test_envelope_body_not_message(self):
         """A body that is not a message at all is refused."""
         e = self.assertRaises(ValueError, SnapshotEnvelope, MessageType.INTEL, "id", {"id": "x"})
-        self.assertIn("must carry Intel, not dict", str(e))
+        self.assertIn("must carry Intel or Indicator, not dict", str(e))
 
 
 class SubscriptionTests(SynchronousTestCase):

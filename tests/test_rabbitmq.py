@@ -667,7 +667,8 @@ class ConsumeTests(SynchronousTestCase):
         envelope = {"snapshot_type": 1, "snapshot_id": "s", "body": intel_json("i-e")}
         sighting = {"ts": "2020-11-26 14:46:52", "intel": "i-1", "context": {}, "ioc": None}
         values = [intel_json("i-1"), sighting, request, envelope]
-        for tag, (kind, value) in enumerate(zip(KINDS, values)):
+        kinds = ["intel", "sighting", "snapshotrequest", "snapshotenvelope"]
+        for tag, (kind, value) in enumerate(zip(kinds, values)):
             fake.deliver(kind, tag, json.dumps(value).encode())
         self.assertEqual(
             [type(m).__name__ for m in h.delivered],
@@ -1235,7 +1236,7 @@ class BusBrokerTests(BrokerTestCase):
     async def start_two(self):
         zmq_app = ZmqAppConfig(manage=0, pub=0, sub=0)
         tops = [
-            start_bus(self, Config(backbone=self.config(name), zmq_app=zmq_app))
+            start_bus(self, Config(backbone=self.config(name), apps={"zmq-app": zmq_app}))
             for name in ("one", "two")
         ]
         backbones = [top.getServiceNamed("backbone") for top in tops]

@@ -346,8 +346,8 @@ class SayWhereTests(SynchronousTestCase):
         from txthreatbus.tap import bus_service
 
         path = self.mktemp()
-        config = Config(logging=LoggingConfig(console=False, file=True, filename=path), zmq_app=ZmqAppConfig())
-        top = bus_service(config, Clock(), sockets=MemorySockets())
+        config = Config(logging=LoggingConfig(console=False, file=True, filename=path), apps={"zmq-app": ZmqAppConfig()})
+        top = bus_service(config, Clock(), sockets=MemorySockets)
         top.privilegedStartService()
         top.startService()
         self.successResultOf(top.stopService())

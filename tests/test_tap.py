@@ -164,7 +164,7 @@ class ServiceTreeTests(SynchronousTestCase):
 
     def test_zmq_app_config(self):
         """The zmq-app service gets the zmq-app section."""
-        config = Config(zmq_app=ZmqAppConfig(manage=0, pub=0, sub=0, host="127.0.0.1"))
+        config = Config(apps={"zmq-app": ZmqAppConfig(manage=0, pub=0, sub=0, host="127.0.0.1")})
         top = tap.bus_service(config, reactor)
         self.assertIs(top.getServiceNamed("zmq-app").config, config.zmq_app)
 
@@ -307,7 +307,7 @@ class TwistdBusTests(TestCase):
 
         gc.unfreeze()
         self.addCleanup(gc.unfreeze)
-        top = tap.bus_service(Config(zmq_app=ZmqAppConfig(manage=0, pub=0, sub=0)), top=tap.TwistdBus())
+        top = tap.bus_service(Config(apps={"zmq-app": ZmqAppConfig(manage=0, pub=0, sub=0)}), top=tap.TwistdBus())
         top.startService()
         self.addCleanup(top.stopService)
         self.assertGreater(gc.get_freeze_count(), 0)

@@ -89,16 +89,19 @@ class ManagementTests(TestCase):
 
     async def test_unknown_topic(self):
         """A subscription to a topic that carries nothing is an error."""
-        for topic in ("threatbus/intelX", "foo", "", 42):
+        for topic in ("threatbus/intelX", "foo", 42, "/", ["threatbus/intel"], ["stix2", 5]):
             reply = await self.ask({"action": "subscribe", "topic": topic})
             self.assertEqual(reply, {"status": "error"}, topic)
 
     async def test_unknown_requests(self):
-        """An unknown action, or a known one without topic, is an unknown request."""
+        """An unknown action, or a known one without topic or with an empty one, is an unknown request."""
         for payload in (
             {"action": "dance", "topic": "threatbus"},
             {"topic": "threatbus"},
             {"action": "subscribe"},
+            {"action": "subscribe", "topic": ""},
+            {"action": "subscribe", "topic": []},
+            {"action": "heartbeat", "topic": ""},
             {"action": "heartbeat"},
             {"action": "unsubscribe"},
             {},
@@ -325,7 +328,7 @@ class StartupTests(TestCase):
         self.addCleanup(ctx.destroy, 0)
         squatter = ctx.socket(zmq.REP)
         port = squatter.bind_to_random_port("tcp://127.0.0.1")
-        top = bus_service(Config(zmq_app=ZmqAppConfig(manage=port, pub=0, sub=0)))
+        top = bus_service(Config(apps={"zmq-app": ZmqAppConfig(manage=port, pub=0, sub=0)}))
         error = self.assertRaises(BindError, top.privilegedStartService)
         self.assertIn(f"manage endpoint tcp://127.0.0.1:{port}", str(error))
         self.assertIn("in use", str(error))

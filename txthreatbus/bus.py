@@ -2,10 +2,16 @@
 The bus core: topic routing to in-process consumers, and snapshots.
 
 Everything published goes through the backbone (``IBackbone``), which hands
-it back to ``Bus.deliver`` on every instance: Intel and Sightings go to the
-consumers of matching topics, SnapshotRequests to the app plugins
-(``IApp``), and SnapshotEnvelopes to the consumer that asked for that
-snapshot, and to no one else.
+it back to ``Bus.deliver`` on every instance: Intel, Sightings and STIX
+objects go to the consumers of matching topics, SnapshotRequests to the app
+plugins (``IApp``), and SnapshotEnvelopes to the consumer that asked for
+that snapshot, and to no one else.
+
+Two generations of apps share the bus: 2020 ones under ``threatbus/``, STIX
+ones under ``stix2/``. Each consumer gets the messages of its own generation
+as they were published, and those of the other generation translated by the
+``Bridge``: once per message, only if someone of the other generation
+listens, and never translated back.
 
 A consumer is any callable taking one message.
 """
@@ -21,7 +27,8 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
 
-from txthreatbus import logs
+from txthreatbus import logs, stix
+from txthreatbus.bridge import Bridge
 from txthreatbus.interfaces import IApp, IBackbone
 from txthreatbus.metrics import Metrics
 from txthreatbus.model import (
@@ -31,6 +38,7 @@ from txthreatbus.model import (
     Sighting,
     SnapshotEnvelope,
     SnapshotRequest,
+    is_stix_topic,
 )
 
 log = Logger(observer=logs.publisher)
@@ -51,10 +59,18 @@ def matches(subscribed: str, topic: str) -> bool:
 
 def snapshot_types(topic: str) -> Tuple[MessageType, ...]:
     """The message types that a subscription to ``topic`` receives."""
-    return tuple(t for bus_topic, t in MESSAGE_TYPES.items() if matches(topic, bus_topic))
+    return tuple(sorted({t for bus_topic, t in MESSAGE_TYPES.items() if matches(topic, bus_topic)}))
 
 
-_CHAINS = {cls: topic_chain(cls.topic) for cls in (Intel, Sighting)}
+_ITEMS = (Intel, Sighting, stix.Indicator, stix.Sighting)
+_CHAINS = {cls: topic_chain(cls.topic) for cls in _ITEMS}
+#: Where the translation of each item class goes.
+_COUNTERPARTS = {
+    Intel: _CHAINS[stix.Indicator],
+    Sighting: _CHAINS[stix.Sighting],
+    stix.Indicator: _CHAINS[Intel],
+    stix.Sighting: _CHAINS[Sighting],
+}
 
 
 def _provides(interface):
@@ -72,6 +88,8 @@ class _PendingSnapshot:
     requester: Consumer
     finished: Deferred
     timer: object
+    #: Whether the requester is of the STIX generation.
+    stix: bool
     routed: int = 0
 
 
@@ -90,6 +108,7 @@ class Bus(Service):
     clock: object
     metrics: Metrics = attrs.field(factory=Metrics)
     snapshot_timeout: float = 3600.0
+    bridge: Bridge = attrs.field()
     _consumers: Dict[str, Dict[Consumer, None]] = attrs.field(init=False, factory=dict)
     _apps: List[IApp] = attrs.field(init=False, factory=list)
     _snapshots: Dict[str, _PendingSnapshot] = attrs.field(init=False, factory=dict)
@@ -99,6 +118,10 @@ class Bus(Service):
     @_throttle.default
     def _new_throttle(self):
         return logs.Throttle(self.clock)
+
+    @bridge.default
+    def _new_bridge(self):
+        return Bridge(self.metrics, self.clock)
 
     # --- plugins and consumers
 
@@ -126,7 +149,7 @@ class Bus(Service):
 
     def deliver(self, message) -> None:
         """Route one message that the backbone carried to this instance."""
-        if isinstance(message, (Intel, Sighting)):
+        if type(message) in _CHAINS:
             self._route(message)
         elif isinstance(message, SnapshotEnvelope):
             self._route_envelope(message)
@@ -137,7 +160,15 @@ class Bus(Service):
             self.metrics.drop("unroutable")
 
     def _route(self, message) -> None:
-        for topic in _CHAINS[type(message)]:
+        self._hand(message, _CHAINS[type(message)])
+        counterparts = _COUNTERPARTS[type(message)]
+        if any(topic in self._consumers for topic in counterparts):
+            translated = self.bridge.translate(message)
+            if translated is not None:
+                self._hand(translated, counterparts)
+
+    def _hand(self, message, chain) -> None:
+        for topic in chain:
             consumers = self._consumers.get(topic)
             if consumers:
                 for consumer in list(consumers):
@@ -172,34 +203,44 @@ class Bus(Service):
             )
             self.metrics.drop("unknown_snapshot")
             return
+        body = envelope.body
+        if isinstance(body, stix.StixObject) is not pending.stix:
+            body = self.bridge.translate(body)
+            if body is None:
+                return
         pending.routed += 1
         self.metrics.envelopes_routed.inc()
         try:
-            pending.requester(envelope.body)
+            pending.requester(body)
         except Exception:
             log.failure("Snapshot requester {r!r} failed", r=pending.requester)
 
     # --- snapshots
 
     def request_snapshot(
-        self, topic: str, snapshot: timedelta, requester: Consumer
+        self, topics, snapshot: timedelta, requester: Consumer
     ) -> Tuple[str, Deferred]:
         """
-        Ask every app of every instance for the items of ``topic`` of the last
-        ``snapshot``, and have their answers handed to ``requester`` only.
+        Ask every app of every instance for the items of ``topics`` (a topic,
+        or a tuple of topics of one generation) of the last ``snapshot``, and
+        have their answers handed to ``requester`` only, in its generation.
 
         Returns the snapshot id and a Deferred that fires with the number of
         items handed over, when the snapshot expires or is cancelled.
         """
+        topics = (topics,) if isinstance(topics, str) else tuple(topics)
+        topic = ", ".join(topics)
         snapshot_id = str(uuid.uuid4())
         # Built (and so validated) first: a bad request leaves no state behind.
-        requests = [SnapshotRequest(t, snapshot_id, snapshot) for t in snapshot_types(topic)]
+        types = sorted({t for each in topics for t in snapshot_types(each)})
+        requests = [SnapshotRequest(t, snapshot_id, snapshot) for t in types]
         if not requests:
             raise ValueError(f"no message types under topic {topic!r} to snapshot")
         pending = _PendingSnapshot(
             requester=requester,
             finished=Deferred(),
             timer=self.clock.callLater(self.snapshot_timeout, self.finish_snapshot, snapshot_id),
+            stix=is_stix_topic(topics[0]),
         )
         self._snapshots[snapshot_id] = pending
         self.metrics.snapshots_pending.inc()

@@ -1,10 +1,13 @@
 """
-The wire codec: messages to JSON and back, as Threat Bus 2020.11.26 writes them.
+The wire codec: messages to JSON and back, as Threat Bus writes them: 2020
+messages as 2020.11.26 does, STIX objects and 2022 snapshot messages as
+2022.5.16 does.
 
 ``encode`` gives a message's JSON bytes and computes them once per message
 object, however many apps receive it. ``decode`` validates everything it
 reads and raises ``DecodeError`` (and nothing else) with a message that says
-what is wrong.
+what is wrong. A STIX object or 2022 envelope keeps the bytes it came in:
+each is forwarded exactly as its app sent it.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import re
 from datetime import datetime, timedelta
 from itertools import accumulate
 
+from txthreatbus import stix
 from txthreatbus.model import (
     BY_TOPIC,
     Intel,
@@ -34,7 +38,9 @@ class DecodeError(ValueError):
     Input that is not a well-formed message; the text says why, and
     ``reason``, a short label to count drops by, says which kind:
     ``"duplicate_key"`` (a JSON object names a key twice), ``"too_deep"``
-    (nested deeper than ``MAX_DEPTH``) or ``"malformed"`` (anything else).
+    (nested deeper than ``MAX_DEPTH``), ``"stix_<reason>"`` (not a STIX
+    object the bus carries, see ``stix.StixError``) or ``"malformed"``
+    (anything else).
     """
 
     def __init__(self, message: str, *, reason: str = "malformed"):
@@ -43,6 +49,7 @@ class DecodeError(ValueError):
 
 
 _MEMO = "_txthreatbus_wire"
+_MEMO_2022 = "_txthreatbus_wire_2022"
 
 
 def encode(message: Message) -> bytes:
@@ -54,8 +61,23 @@ def encode(message: Message) -> bytes:
     return wire
 
 
+def encode_2022_request(request: SnapshotRequest) -> bytes:
+    """
+    The JSON encoding of ``request`` for apps of the STIX-2 generation:
+    with ``"type": "snapshotrequest"``, which their decoder needs.
+    """
+    memo = vars(request)
+    wire = memo.get(_MEMO_2022)
+    if wire is None:
+        value = {"type": "snapshotrequest", **unstructure(request)}
+        wire = memo[_MEMO_2022] = json.dumps(value).encode("utf-8")
+    return wire
+
+
 def unstructure(message: Message) -> dict:
-    """The JSON value of ``message``, as Threat Bus 2020.11.26 encodes it."""
+    """The JSON value of ``message``, as its generation of Threat Bus encodes it."""
+    if isinstance(message, stix.StixObject):
+        return stix.unstructure(message)
     if isinstance(message, Intel):
         data = dict(message.data.extra)
         data["indicator"] = list(message.data.indicator)
@@ -80,11 +102,14 @@ def unstructure(message: Message) -> dict:
             "snapshot": message.snapshot // timedelta(seconds=1),
         }
     if isinstance(message, SnapshotEnvelope):
-        return {
+        value = {
             "snapshot_type": message.snapshot_type.value,
             "snapshot_id": message.snapshot_id,
             "body": unstructure(message.body),
         }
+        if isinstance(message.body, stix.StixObject):
+            return {"type": "snapshotenvelope", **value}
+        return value
     raise TypeError(f"not a message: {message!r}")
 
 
@@ -98,6 +123,8 @@ def decode(topic: str, data: bytes) -> Message:
         raise DecodeError(f"unknown topic {topic!r}")
     value = loads(data)
     message = structure(cls, value)
+    if type(message) is not cls:
+        raise DecodeError(f"a {message.kind} on topic {topic}")
     if is_encoding(message, value):
         # ``data`` already is this message's encoding (as JSON values go):
         # forwarding it as it came saves encoding it again.
@@ -105,13 +132,35 @@ def decode(topic: str, data: bytes) -> Message:
     return message
 
 
+def decode_stix(data: bytes):
+    """
+    The STIX Indicator or Sighting encoded in ``data``, by its ``type`` (as
+    Threat Bus 2022 reads what apps publish on any ``stix2/`` topic); raises
+    ``DecodeError`` if it is not one.
+    """
+    message = structure_stix(loads(data))
+    vars(message)[_MEMO] = bytes(data)
+    return message
+
+
+def structure_stix(value: object):
+    """The STIX object that the JSON ``value`` is, or a ``DecodeError``."""
+    try:
+        return stix.structure(value)
+    except stix.StixError as e:
+        raise DecodeError(str(e), reason="stix_" + e.reason) from None
+
+
 def is_encoding(message: Message, value: dict) -> bool:
     """
-    Whether the JSON ``value`` that ``message`` was structured from equals
-    ``unstructure(message)``, found cheaply: ``structure`` carries every
-    value over unchanged except the timestamp (parsed), a missing or null
-    ``context`` (made ``{}``) and keys it does not know (left out).
+    Whether the JSON ``value`` that ``message`` was structured from is an
+    encoding of it, found cheaply: ``structure`` carries every value over
+    unchanged except the 2020 timestamp (parsed), a missing or null
+    ``context`` (made ``{}``) and keys of 2020 messages it does not know
+    (left out); a STIX object keeps all it came with.
     """
+    if isinstance(message, stix.StixObject):
+        return True
     if isinstance(message, Intel):
         return value.keys() == _INTEL_KEYS and is_ts_encoding(value["ts"], message.ts)
     if isinstance(message, Sighting):
@@ -248,6 +297,8 @@ def structure(cls: type, value: object) -> Message:
     this only takes the JSON apart, looks up enumerations and parses
     timestamps, and turns any failure into a ``DecodeError``.
     """
+    if cls in stix.StixObject:
+        return structure_stix(value)
     if type(value) is not dict:
         raise DecodeError(f"{cls.__name__} must be a JSON object, not {type(value).__name__}")
     try:
@@ -334,14 +385,21 @@ def _snapshot_request(value: dict) -> SnapshotRequest:
 
 def _snapshot_envelope(value: dict) -> SnapshotEnvelope:
     snapshot_type = _member("SnapshotEnvelope", "snapshot_type", MessageType, value["snapshot_type"])
-    body_cls = Intel if snapshot_type is MessageType.INTEL else Sighting
     snapshot_id = value["snapshot_id"]
     body = value["body"]
+    # A 2022 envelope says what it is (2020 ones have no type) and carries a
+    # STIX object; the envelope's constructor checks it is of snapshot_type.
+    kind = value.get("type")
+    if kind is not None and kind != "snapshotenvelope":
+        raise DecodeError(f"SnapshotEnvelope of type {kind!r}")
     try:
-        body = structure(body_cls, body)
+        if kind is None:
+            body = structure(Intel if snapshot_type is MessageType.INTEL else Sighting, body)
+        else:
+            body = structure_stix(body)
     except DecodeError as e:
         raise DecodeError(
-            f"SnapshotEnvelope.body (snapshot_type {snapshot_type.name}): {e}"
+            f"SnapshotEnvelope.body (snapshot_type {snapshot_type.name}): {e}", reason=e.reason
         ) from None
     return SnapshotEnvelope(snapshot_type=snapshot_type, snapshot_id=snapshot_id, body=body)
 

@@ -147,15 +147,24 @@ class MetricsConfig:
 
 Backbone = Union[InMemConfig, RabbitMQConfig]
 BACKBONES = {"inmem": InMemConfig, "rabbitmq": RabbitMQConfig}
-APPS = {"zmq-app": ZmqAppConfig}
+#: The app plugins, by config key: ``zmq-app`` as Threat Bus 2020 names it,
+#: ``zmq`` as 2021 and later do. Both serve apps of both generations; given
+#: both, the bus runs both, each on its own ports.
+APPS = {"zmq-app": ZmqAppConfig, "zmq": ZmqAppConfig}
 
 
 @attrs.frozen
 class Config:
     logging: LoggingConfig = attrs.field(factory=LoggingConfig)
     backbone: Backbone = attrs.field(factory=InMemConfig)
-    zmq_app: ZmqAppConfig = attrs.field(factory=ZmqAppConfig)
+    #: The app plugins by config key, in the order of the file.
+    apps: Mapping[str, ZmqAppConfig] = attrs.field(factory=lambda: {"zmq-app": ZmqAppConfig()})
     metrics: Optional[MetricsConfig] = None
+
+    @property
+    def zmq_app(self) -> ZmqAppConfig:
+        """The first app plugin's config: where the command line tools connect by default."""
+        return next(iter(self.apps.values()))
 
 
 # --- loading
@@ -251,7 +260,10 @@ def from_mapping(document: dict) -> Config:
     config = Config(
         logging=_build(LoggingConfig, top.get("logging"), "logging"),
         backbone=_build(BACKBONES[backbone_name], backbone, "plugins.backbones." + backbone_name),
-        zmq_app=_build(ZmqAppConfig, apps.get("zmq-app"), "plugins.apps.zmq-app"),
+        apps={
+            name: _build(APPS[name], value, "plugins.apps." + name)
+            for name, value in (apps.items() or [("zmq-app", {})])
+        },
         metrics=None if metrics is None else _build(MetricsConfig, metrics, "metrics"),
     )
     _distinct_ports(config)
@@ -264,8 +276,11 @@ WILDCARD_HOSTS = ("0.0.0.0", "*", "::", "[::]")
 
 def _distinct_ports(config: Config) -> None:
     """Refuse two listening endpoints on one port of one host (0, any free port, excepted)."""
-    app = config.zmq_app
-    endpoints = [(f"plugins.apps.zmq-app.{key}", app.host, getattr(app, key)) for key in ("manage", "pub", "sub")]
+    endpoints = [
+        (f"plugins.apps.{name}.{key}", app.host, getattr(app, key))
+        for name, app in config.apps.items()
+        for key in ("manage", "pub", "sub")
+    ]
     if config.metrics is not None:
         endpoints.append(("metrics.port", config.metrics.host, config.metrics.port))
     for i, (key, host, port) in enumerate(endpoints):

@@ -16,7 +16,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-_TYPES = ("intel", "sighting", "snapshotrequest", "snapshotenvelope")
+_TYPES = ("intel", "sighting", "indicator", "stix_sighting", "snapshotrequest", "snapshotenvelope")
 
 
 class _Value:
@@ -97,6 +97,12 @@ class Metrics:
             "App connections closed at a receiving endpoint (the app left, or sent a "
             "message over max_message_size)",
             ["endpoint"],
+        )
+        self.untranslatable = counter(
+            "txthreatbus_untranslatable",
+            "Messages with no counterpart in the other generation of apps, by direction "
+            "(2020_to_2022, 2022_to_2020) and reason",
+            ["direction", "reason"],
         )
         self.subscriptions = gauge("txthreatbus_subscriptions", "Active app subscriptions")
         self.snapshots_pending = gauge(

@@ -15,6 +15,8 @@ from typing import ClassVar, Optional, Tuple, Union
 
 import attrs
 
+from txthreatbus import stix
+
 
 class Operation(enum.Enum):
     """What an Intel item asks of its receivers."""
@@ -150,6 +152,7 @@ class Intel:
     """An indicator of compromise, added or removed."""
 
     topic: ClassVar[str] = "threatbus/intel"
+    kind: ClassVar[str] = "intel"
 
     ts: datetime = attrs.field(validator=_datetime)
     id: str = attrs.field(validator=_str)
@@ -162,6 +165,7 @@ class Sighting:
     """An indicator seen in the wild: which Intel item, where, and what."""
 
     topic: ClassVar[str] = "threatbus/sighting"
+    kind: ClassVar[str] = "sighting"
 
     ts: datetime = attrs.field(validator=_datetime)
     intel: str = attrs.field(validator=_str)
@@ -188,24 +192,33 @@ class SnapshotRequest:
     """A request to every app for its items of the last ``snapshot``."""
 
     topic: ClassVar[str] = "threatbus/snapshotrequest"
+    kind: ClassVar[str] = "snapshotrequest"
 
     snapshot_type: MessageType = attrs.field(validator=_instance_of(MessageType, "a MessageType"))
     snapshot_id: str = attrs.field(validator=_str)
     snapshot: timedelta = attrs.field(validator=_positive_seconds)
 
 
-_BODY_TYPES = {MessageType.INTEL: Intel, MessageType.SIGHTING: Sighting}
+#: What a snapshot of each type carries, in either generation.
+_BODY_TYPES = {
+    MessageType.INTEL: (Intel, stix.Indicator),
+    MessageType.SIGHTING: (Sighting, stix.Sighting),
+}
 
 
 @_message
 class SnapshotEnvelope:
-    """One item of a snapshot, on its way back to the app that asked."""
+    """
+    One item of a snapshot, on its way back to the app that asked: a 2020
+    Intel or Sighting, or a STIX Indicator or Sighting.
+    """
 
     topic: ClassVar[str] = "threatbus/snapshotenvelope"
+    kind: ClassVar[str] = "snapshotenvelope"
 
     snapshot_type: MessageType = attrs.field(validator=_instance_of(MessageType, "a MessageType"))
     snapshot_id: str = attrs.field(validator=_str)
-    body: Union[Intel, Sighting] = attrs.field()
+    body: Union[Intel, Sighting, stix.Indicator, stix.Sighting] = attrs.field()
 
     @body.validator
     def _body_matches_type(self, attribute, value):
@@ -213,7 +226,7 @@ class SnapshotEnvelope:
         if not isinstance(value, expected):
             raise ValueError(
                 f"a {self.snapshot_type.name} snapshot envelope must carry "
-                f"{expected.__name__}, not {type(value).__name__}"
+                f"{' or '.join(c.__name__ for c in expected)}, not {type(value).__name__}"
             )
 
 
@@ -237,10 +250,25 @@ class Unsubscription:
     topic: str = attrs.field(validator=_str)
 
 
-Message = Union[Intel, Sighting, SnapshotRequest, SnapshotEnvelope]
+Message = Union[Intel, Sighting, stix.Indicator, stix.Sighting, SnapshotRequest, SnapshotEnvelope]
 
+#: Every message class, each with its own bus topic and ``kind``.
+CLASSES = (Intel, Sighting, stix.Indicator, stix.Sighting, SnapshotRequest, SnapshotEnvelope)
 #: Message classes by their bus topic.
-BY_TOPIC = {cls.topic: cls for cls in (Intel, Sighting, SnapshotRequest, SnapshotEnvelope)}
+BY_TOPIC = {cls.topic: cls for cls in CLASSES}
 
 #: The message type a topic carries items of, for snapshots.
-MESSAGE_TYPES = {Intel.topic: MessageType.INTEL, Sighting.topic: MessageType.SIGHTING}
+MESSAGE_TYPES = {
+    Intel.topic: MessageType.INTEL,
+    Sighting.topic: MessageType.SIGHTING,
+    stix.Indicator.topic: MessageType.INTEL,
+    stix.Sighting.topic: MessageType.SIGHTING,
+}
+
+#: The root topic of the STIX-2 generation: a topic under it is a 2022 one.
+STIX_ROOT = "stix2"
+
+
+def is_stix_topic(topic: str) -> bool:
+    """Whether ``topic`` is of the STIX-2 generation (``stix2`` or under it)."""
+    return topic == STIX_ROOT or topic.startswith(STIX_ROOT + "/")

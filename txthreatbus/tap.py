@@ -108,8 +108,9 @@ class TwistdBus(BusService):
 def bus_service(config: configuration.Config, reactor=None, top=None, sockets=None) -> MultiService:
     """
     The bus that ``config`` describes, as one service tree: built into
-    ``top``, a new ``BusService`` by default. ``sockets`` are the zmq-app's
-    (``IServerSockets``): ZeroMQ's by default.
+    ``top``, a new ``BusService`` by default. ``sockets`` makes each app
+    plugin's ``IServerSockets`` when called with no arguments: ZeroMQ's by
+    default.
     """
     if reactor is None:
         from twisted.internet import reactor
@@ -124,9 +125,11 @@ def bus_service(config: configuration.Config, reactor=None, top=None, sockets=No
     bus.setName("bus")
     bus.setServiceParent(top)
     backbone.attach(bus.deliver)
-    app = ZmqAppService(config.zmq_app, bus, reactor, sockets)
-    app.setServiceParent(top)
-    bus.add_app(app)
+    for name, app_config in config.apps.items():
+        app = ZmqAppService(app_config, bus, reactor, None if sockets is None else sockets())
+        app.setName(name)
+        app.setServiceParent(top)
+        bus.add_app(app)
     if config.metrics is not None:
         web = metrics_service(metrics, config.metrics.host, config.metrics.port, reactor)
         web.setName("metrics")

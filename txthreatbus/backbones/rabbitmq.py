@@ -65,14 +65,12 @@ from zope.interface import implementer
 from txthreatbus import codec, logs
 from txthreatbus.config import QueueConfig, RabbitMQConfig
 from txthreatbus.interfaces import IBackbone
-from txthreatbus.model import Intel, Sighting, SnapshotEnvelope, SnapshotRequest
+from txthreatbus.model import CLASSES
 
 log = Logger(observer=logs.publisher)
 
 #: The type name of each message class: each type has its exchange and queue.
-TYPES = {
-    cls: cls.topic.rsplit("/", 1)[1] for cls in (Intel, Sighting, SnapshotRequest, SnapshotEnvelope)
-}
+TYPES = {cls: cls.kind for cls in CLASSES}
 #: The bus topic of each type name.
 TOPICS = {kind: cls.topic for cls, kind in TYPES.items()}
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from datetime import timedelta
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import zmq
 from twisted.logger import Logger
@@ -19,6 +19,7 @@ from twisted.logger import Logger
 from txthreatbus import codec, logs
 from txthreatbus.bus import snapshot_types
 from txthreatbus.connections import BatchedReadConnection
+from txthreatbus.model import is_stix_topic
 
 log = Logger(observer=logs.publisher)
 
@@ -51,6 +52,33 @@ def snapshot_days(value) -> Optional[int]:
     return value if value <= 999_999_999 else None
 
 
+#: Topics a subscription may name at most (a list of them, as 2022 apps may send).
+MAX_TOPICS = 16
+
+
+def subscription_topics(topic) -> Optional[Tuple[str, ...]]:
+    """
+    The bus topics that the ``topic`` of a subscribe request names, or None
+    if it names none the bus serves: a topic, ``stix2/`` as ``stix2``, or a
+    list of STIX-2 topics (only Threat Bus 2021 and later sends lists).
+    """
+    if isinstance(topic, str):
+        topic = topic[:-1] if topic.endswith("/") else topic
+        return (topic,) if snapshot_types(topic) else None
+    if not isinstance(topic, list) or len(topic) > MAX_TOPICS:
+        return None
+    topics = []
+    for each in topic:
+        if not isinstance(each, str):
+            return None
+        each = each[:-1] if each.endswith("/") else each
+        if not is_stix_topic(each) or not snapshot_types(each):
+            return None
+        if each not in topics:
+            topics.append(each)
+    return tuple(topics)
+
+
 class ManagementHandler:
     """
     Answers management requests for the subscriptions of one zmq-app.
@@ -75,27 +103,30 @@ class ManagementHandler:
         if not isinstance(request, dict):
             return self._error("a request that is not a JSON object")
         action, topic = request.get("action"), request.get("topic")
-        if action not in _ACTIONS or topic is None:
+        # a missing or empty topic (``""``, ``[]``) is no request, as both
+        # generations of Threat Bus have it
+        if action not in _ACTIONS or topic is None or topic == "" or topic == []:
             self._metrics.drop("manage_unknown_request")
             self._throttle(
                 "unknown", log.debug, "Unknown management request {request!r}", request=request
             )
             return UNKNOWN
-        if not isinstance(topic, str):
-            return self._error("a topic that is not a string: {topic!r}", topic=topic)
         if action == "subscribe":
             return self._subscribe(topic, request.get("snapshot"), peer)
+        if not isinstance(topic, str):
+            return self._error("a topic that is not a string: {topic!r}", topic=topic)
         if action == "heartbeat":
             ok = self._subscriptions.heartbeat(topic)
         else:
             ok = self._subscriptions.unsubscribe(topic)
         return SUCCESS if ok else ERROR
 
-    def _subscribe(self, topic: str, snapshot, peer: str) -> dict:
+    def _subscribe(self, topic, snapshot, peer: str) -> dict:
         days = snapshot_days(snapshot)
         if days is None:
             return self._error("a snapshot that is not a number of days: {s!r}", s=snapshot)
-        if not snapshot_types(topic):
+        topics = subscription_topics(topic)
+        if topics is None:
             return self._error("a subscription to unknown topic {topic!r}", topic=topic)
         refusal = self._subscriptions.refusal(peer)
         if refusal is not None:
@@ -109,7 +140,7 @@ class ManagementHandler:
             )
             self._metrics.drop(refusal)
             return ERROR
-        sub = self._subscriptions.subscribe(topic, timedelta(days=days), peer)
+        sub = self._subscriptions.subscribe(topics, timedelta(days=days), peer)
         return {"topic": sub.p2p, **self._endpoints, "status": "success"}
 
     def _error(self, what: str, **fields) -> dict:

@@ -1,5 +1,8 @@
 """
-The PUB side: each message to each app as one frame ``<P2P><suffix> <json>``.
+The PUB side: each message to each app as one frame ``<P2P><suffix> <json>``,
+the suffix being the message's type (``intel``, ``indicator``, ``sighting``,
+``snapshotrequest``) and the JSON its generation's (a snapshot request, the
+one message both generations get, in the shape of the app's).
 
 Every frame goes into its app's buffer, and the buffers go out together at
 the end of the reactor turn (or once ``FLUSH_FRAMES`` are held): ZeroMQ's
@@ -25,17 +28,19 @@ import zmq
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from txthreatbus import codec, logs
+from txthreatbus import codec, logs, stix
 from txthreatbus.connections import XPubConnection
 from txthreatbus.interfaces import IPublisherSocket
 from txthreatbus.model import Intel, Sighting, SnapshotRequest
 
 log = Logger(observer=logs.publisher)
 
+# The suffix of each message type's frames: its name in Threat Bus, which
+# is the last part of its topic (both generations' sightings are "sighting").
 _SUFFIXES = {
-    cls: cls.topic.rsplit("/", 1)[1].encode() + b" " for cls in (Intel, Sighting, SnapshotRequest)
+    cls: cls.topic.rsplit("/", 1)[1].encode() + b" "
+    for cls in (Intel, Sighting, stix.Indicator, stix.Sighting, SnapshotRequest)
 }
-_TYPE_NAMES = {cls: cls.topic.rsplit("/", 1)[1] for cls in _SUFFIXES}
 
 #: Seconds between tries to send to an app whose socket was full, unless
 #: ZeroMQ says sooner that it drained.
@@ -120,8 +125,11 @@ class Publisher:
     def send(self, sub, message) -> None:
         """Send ``message`` to the app of ``sub``, at the end of this reactor turn."""
         cls = type(message)
-        self._metrics.published[_TYPE_NAMES[cls]].inc()
-        frame = sub.prefix + _SUFFIXES[cls] + codec.encode(message)
+        self._metrics.published[cls.kind].inc()
+        if cls is SnapshotRequest and sub.stix:
+            frame = sub.prefix + _SUFFIXES[cls] + codec.encode_2022_request(message)
+        else:
+            frame = sub.prefix + _SUFFIXES[cls] + codec.encode(message)
         size = len(frame) + FRAME_OVERHEAD
         if sub.pending_bytes + size > self._buffer_bytes and self._can_send(sub):
             self._flush(sub)  # full: send it all now if the app can take it

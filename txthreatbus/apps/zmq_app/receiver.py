@@ -1,5 +1,8 @@
 """
-The SUB side: what apps publish, one frame ``<topic> <json>`` each.
+The SUB side: what apps publish, one frame ``<topic> <json>`` each: 2020
+messages on their ``threatbus/`` topics, STIX Indicators and Sightings on
+any topic under ``stix2/`` (read by their ``type``, as Threat Bus 2022 does),
+and snapshot envelopes of both generations on ``threatbus/snapshotenvelope``.
 
 ``Receiver`` decodes and validates every frame before it reaches the bus.
 Anything malformed is dropped, counted by reason and logged (a flood of it
@@ -17,10 +20,12 @@ from txthreatbus.model import Intel, Sighting, SnapshotEnvelope
 
 log = Logger(observer=logs.publisher)
 
-#: What apps may publish: wire topic -> metric label.
-TOPICS = {cls.topic.encode(): cls.topic.rsplit("/", 1)[1] for cls in (Intel, Sighting, SnapshotEnvelope)}
-#: The prefix the SUB socket subscribes to.
-PREFIX = b"threatbus/"
+#: The 2020 topics apps may publish on.
+TOPICS = {cls.topic.encode() for cls in (Intel, Sighting, SnapshotEnvelope)}
+#: The prefix of the STIX topics apps may publish on.
+STIX_PREFIX = b"stix2/"
+#: The prefixes the SUB socket subscribes to.
+PREFIXES = (b"threatbus/", STIX_PREFIX)
 
 
 class Receiver:
@@ -38,14 +43,18 @@ class Receiver:
         topic, space, body = message[0].partition(b" ")
         if not space:
             return self._drop("no_space", "a frame without a space after the topic")
-        kind = TOPICS.get(topic)
-        if kind is None:
-            return self._drop("unknown_topic", "a message on unknown topic {topic!r}", topic=topic)
         try:
-            item = codec.decode(topic.decode(), body)
+            if topic.startswith(STIX_PREFIX):
+                item = codec.decode_stix(body)
+            elif topic in TOPICS:
+                item = codec.decode(topic.decode(), body)
+            else:
+                return self._drop("unknown_topic", "a message on unknown topic {topic!r}", topic=topic)
         except codec.DecodeError as e:
-            return self._drop(e.reason, "a malformed {kind}: {error}", kind=kind, error=str(e))
-        self._metrics.received[kind].inc()
+            return self._drop(
+                e.reason, "a malformed message on {topic}: {error}", topic=topic.decode("utf-8", "replace"), error=str(e)
+            )
+        self._metrics.received[item.kind].inc()
         self._publish(item)
 
     def _drop(self, reason: str, what: str, **fields):
@@ -54,7 +63,7 @@ class Receiver:
 
 
 class ReceiverConnection(BatchedReadConnection):
-    """A receive-only SUB socket subscribed to ``threatbus/``, read by ``receive``."""
+    """A receive-only SUB socket subscribed to ``PREFIXES``, read by ``receive``."""
 
     socketType = zmq.SUB
 
@@ -63,4 +72,5 @@ class ReceiverConnection(BatchedReadConnection):
         BatchedReadConnection.__init__(self, factory)
         self.socket.setsockopt(zmq.RCVHWM, receive_hwm)
         self.socket.setsockopt(zmq.MAXMSGSIZE, max_message_size)
-        self.socket.setsockopt(zmq.SUBSCRIBE, PREFIX)
+        for prefix in PREFIXES:
+            self.socket.setsockopt(zmq.SUBSCRIBE, prefix)

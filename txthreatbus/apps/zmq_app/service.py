@@ -132,8 +132,9 @@ class ZmqAppService(MultiService):
         host, advertised = self.config.host, advertised_host(self.config)
         for key in ENDPOINTS:
             log.info(
-                "zmq-app {endpoint} endpoint listening on {host}:{port}, advertised to apps as "
+                "{plugin} {endpoint} endpoint listening on {host}:{port}, advertised to apps as "
                 "{advertised}:{port}, CURVE {curve}",
+                plugin=self.name,
                 endpoint=key,
                 host=host,
                 port=self._endpoints[key].port,
@@ -142,9 +143,10 @@ class ZmqAppService(MultiService):
             )
         if host in WILDCARD_HOSTS and is_loopback(advertised):
             log.warn(
-                "zmq-app listens on all interfaces ({host}) but tells apps to connect to "
+                "{plugin} listens on all interfaces ({host}) but tells apps to connect to "
                 "{advertised}, which is this machine only: set advertise_host to a name or "
                 "address that apps elsewhere can reach",
+                plugin=self.name,
                 host=host,
                 advertised=advertised,
             )

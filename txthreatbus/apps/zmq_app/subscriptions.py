@@ -21,14 +21,14 @@ import secrets
 import string
 from collections import deque
 from datetime import timedelta
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import attrs
 from twisted.logger import Logger
 
 from txthreatbus import logs
-from txthreatbus.bus import Bus
-from txthreatbus.model import MessageType, SnapshotRequest
+from txthreatbus.bus import Bus, matches
+from txthreatbus.model import MessageType, SnapshotRequest, is_stix_topic
 
 log = Logger(observer=logs.publisher)
 
@@ -49,18 +49,29 @@ def new_p2p_topic() -> str:
     return letters[:P2P_LENGTH].decode("ascii")
 
 
+def _outermost(topics: Tuple[str, ...]) -> Tuple[str, ...]:
+    """``topics`` without those under another of them: each message comes once."""
+    return tuple(
+        t for i, t in enumerate(topics)
+        if not any(matches(o, t) and (o != t or j < i) for j, o in enumerate(topics) if j != i)
+    )
+
+
 class AppSubscription:
     """One app's subscription: its topics, its unsent frames, its timers."""
 
     __slots__ = (
-        "p2p", "prefix", "topic", "peer", "publisher", "readers", "pending", "pending_bytes",
-        "timer", "snapshot_id", "requests_seen", "__weakref__",
+        "p2p", "prefix", "topics", "stix", "peer", "publisher", "readers", "pending",
+        "pending_bytes", "timer", "snapshot_id", "requests_seen", "__weakref__",
     )
 
-    def __init__(self, p2p: str, topic: str, peer: str, publisher):
+    def __init__(self, p2p: str, topics: Tuple[str, ...], peer: str, publisher):
         self.p2p = p2p
         self.prefix = p2p.encode("ascii")
-        self.topic = topic
+        #: The bus topics, all of one generation.
+        self.topics = topics
+        #: Whether the app is of the STIX generation (Threat Bus 2021 and later).
+        self.stix = is_stix_topic(topics[0])
         #: The network address the subscription came from.
         self.peer = peer
         self.publisher = publisher
@@ -84,7 +95,7 @@ class AppSubscription:
         self.publisher.send(self, message)
 
     def __repr__(self):
-        return f"<AppSubscription {self.p2p} to {self.topic}>"
+        return f"<AppSubscription {self.p2p} to {', '.join(self.topics)}>"
 
 
 @attrs.frozen(eq=False)
@@ -148,22 +159,29 @@ class Subscriptions:
             return "max_subscriptions_per_peer"
         return None
 
-    def subscribe(self, topic: str, snapshot: timedelta, peer: str = "") -> AppSubscription:
-        """Subscribe a new app to ``topic``, asking for ``snapshot`` if > 0."""
+    def subscribe(self, topics, snapshot: timedelta, peer: str = "") -> AppSubscription:
+        """
+        Subscribe a new app to ``topics`` (a topic, or a tuple of topics of
+        one generation), asking for ``snapshot`` if > 0.
+        """
+        topics = (topics,) if isinstance(topics, str) else tuple(topics)
         p2p = new_p2p_topic()
         while p2p in self._by_p2p:  # pragma: no cover - 26**32 topics
             p2p = new_p2p_topic()
-        sub = AppSubscription(p2p, topic, peer, self._publisher)
+        sub = AppSubscription(p2p, topics, peer, self._publisher)
         sub.requests_seen = self._request_number
         self._by_p2p[p2p] = sub
         self._by_peer[peer] = self._by_peer.get(peer, 0) + 1
         if self._timeout:
             sub.timer = self._clock.callLater(self._timeout, self._expire, p2p)
-        self._bus.subscribe(topic, sub)
+        for topic in _outermost(topics):
+            self._bus.subscribe(topic, sub)
         self._bus.metrics.subscriptions.inc()
-        self._throttle("subscribed", log.info, "Subscribed {p2p} to {topic}", p2p=p2p, topic=topic)
+        self._throttle(
+            "subscribed", log.info, "Subscribed {p2p} to {topic}", p2p=p2p, topic=", ".join(topics)
+        )
         if snapshot > timedelta(0):
-            sub.snapshot_id, finished = self._bus.request_snapshot(topic, snapshot, sub)
+            sub.snapshot_id, finished = self._bus.request_snapshot(topics, snapshot, sub)
             finished.addCallback(self._snapshot_finished, sub).addErrback(
                 lambda f: log.failure("Snapshot for {p2p} failed", f, p2p=p2p)
             )
@@ -279,7 +297,8 @@ class Subscriptions:
         count = self._by_peer.pop(sub.peer) - 1
         if count:
             self._by_peer[sub.peer] = count
-        self._bus.unsubscribe(sub.topic, sub)
+        for topic in _outermost(sub.topics):
+            self._bus.unsubscribe(topic, sub)
         self._bus.metrics.subscriptions.dec()
         if sub.timer is not None and sub.timer.active():
             sub.timer.cancel()
@@ -291,7 +310,11 @@ class Subscriptions:
         self._publisher.discard(sub)
         sub.readers = 0
         self._throttle(
-            "unsubscribed", log.info, "Unsubscribed {p2p} from {topic}", p2p=p2p, topic=sub.topic
+            "unsubscribed",
+            log.info,
+            "Unsubscribed {p2p} from {topic}",
+            p2p=p2p,
+            topic=", ".join(sub.topics),
         )
         return True
 
