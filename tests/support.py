@@ -124,26 +124,37 @@ class App:
     pub: object = None
     p2p: str = None
     reply: dict = None
+    endpoints: dict = None
 
     @classmethod
     def on(cls, ctx: Context, top):
         port = zmq_app_of(top).ports["manage"]
         return cls(manage=ctx.socket(zmq.REQ, f"tcp://127.0.0.1:{port}"))
 
-    async def subscribe(self, ctx: Context, topic: str, snapshot=0, connect_sub: bool = True):
+    async def subscribe(self, ctx: Context, topic, snapshot=0, connect_sub: bool = True):
+        """
+        Subscribe to ``topic`` and connect, as an app of the topic's
+        generation does: a 2020 app to the endpoints the reply names, a
+        STIX-2 one (``stix2...`` or a list) to the reply's ports on the
+        manage host.
+        """
         self.reply = await request(self.manage, {"action": "subscribe", "topic": topic, "snapshot": snapshot})
         assert self.reply["status"] == "success", self.reply
         self.p2p = self.reply["topic"]
+        if isinstance(topic, list) or topic.startswith("stix2"):
+            self.endpoints = {key: f"127.0.0.1:{self.reply[key + '_port']}" for key in ("pub", "sub")}
+        else:
+            self.endpoints = {key: self.reply[key + "_endpoint"] for key in ("pub", "sub")}
         self.pub = ctx.socket(zmq.PUB)
         # a burst must not meet the PUB socket's own high-water mark (1,000)
         self.pub.setsockopt(zmq.SNDHWM, 0)
-        self.pub.connect("tcp://" + self.reply["sub_endpoint"])
+        self.pub.connect("tcp://" + self.endpoints["sub"])
         if connect_sub:
             self.connect_sub(ctx)
         return self.reply
 
     def connect_sub(self, ctx: Context):
-        self.sub = ctx.socket(zmq.SUB, "tcp://" + self.reply["pub_endpoint"])
+        self.sub = ctx.socket(zmq.SUB, "tcp://" + self.endpoints["pub"])
         self.sub.setsockopt_string(zmq.SUBSCRIBE, self.p2p)
 
     async def wait_connected(self, top):
