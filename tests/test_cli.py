@@ -24,6 +24,28 @@ from tests.support import DEADLINE, start_bus, wait_for, zmq_app_of
 from tests.test_client import INTEL, SIGHTING, free_ports
 
 INTEL_LINE = json.dumps(codec.unstructure(INTEL))
+INDICATOR_LINE = json.dumps(
+    {
+        "type": "indicator",
+        "spec_version": "2.1",
+        "id": "indicator--6911104f-c504-4086-a15b-05e28cf73435",
+        "created": "2022-05-16T10:00:00.000Z",
+        "modified": "2022-05-16T10:00:00.000Z",
+        "pattern": "[domain-name:value = 'evil.example.com']",
+        "pattern_type": "stix",
+        "valid_from": "2022-05-16T10:00:00Z",
+    }
+)
+STIX_SIGHTING = {
+    "type": "sighting",
+    "spec_version": "2.1",
+    "id": "sighting--4a9e2a33-7bd4-4a16-8f5e-5b2c3d1a0f77",
+    "created": "2022-05-16T10:05:00.000Z",
+    "modified": "2022-05-16T10:05:00.000Z",
+    "sighting_of_ref": "indicator--6911104f-c504-4086-a15b-05e28cf73435",
+    "last_seen": "2022-05-16T10:04:59Z",
+    "x_threatbus_indicator_value": "evil.example.com",
+}
 SIGHTING_LINE = json.dumps(codec.unstructure(SIGHTING))
 
 
@@ -113,10 +135,10 @@ class CommandTests(TestCase):
             f.write(text)
         return path
 
-    async def subscriber(self, top, *options):
+    async def subscriber(self, top, *options, topic="threatbus"):
         """A running ``txthreatbus subscribe``, once the bus sees its SUB socket."""
         process = spawn(
-            self, "subscribe", "threatbus", "--endpoint", manage_endpoint(top), *options
+            self, "subscribe", topic, "--endpoint", manage_endpoint(top), *options
         )
         subscriptions = zmq_app_of(top).subscriptions
         await wait_for(
@@ -145,6 +167,34 @@ class CommandTests(TestCase):
         self.assertEqual(await subscriber.ended, 0, subscriber.err)
         self.assertEqual(len(zmq_app_of(top).subscriptions), 0)
         self.assertIn(b"Unsubscribed", subscriber.err)
+
+    async def test_stix_publish_and_subscribe(self):
+        """publish indicator sends STIX lines; subscribe stix2 --json prints them as sent, and Intel translated."""
+        top = start_bus(self)
+        subscriber = await self.subscriber(top, "--json", topic="stix2")
+        path = self.write(INDICATOR_LINE + "\n" + json.dumps({"type": "malware"}) + "\n")
+        code, out, err = await run(self, "publish", "indicator", path, "--endpoint", manage_endpoint(top))
+        self.assertEqual((code, out), (0, "published 1, skipped 1\n"), err)
+        self.assertIn("line 2", err)
+        code, out, err = await run(self, "publish", "intel", self.write(INTEL_LINE), "--endpoint", manage_endpoint(top))
+        self.assertEqual(code, 0, err)
+        await wait_for(lambda: subscriber.out.count(b"\n") == 2, what="the subscriber to print")
+        first, second = subscriber.out.decode().splitlines()
+        self.assertEqual(first, INDICATOR_LINE)
+        self.assertEqual(json.loads(second)["x_threatbus_intel_id"], INTEL.id)
+
+    async def test_stix_sighting_human_readable(self):
+        """subscribe stix2/sighting prints a readable line for a STIX Sighting that publish stix-sighting sent."""
+        top = start_bus(self)
+        subscriber = await self.subscriber(top, topic="stix2/sighting")
+        line = json.dumps(STIX_SIGHTING)
+        code, out, err = await run(self, "publish", "stix-sighting", "-", "--endpoint", manage_endpoint(top), stdin=line.encode())
+        self.assertEqual(code, 0, err)
+        await wait_for(lambda: subscriber.out.endswith(b"\n"), what="the subscriber to print")
+        self.assertEqual(
+            subscriber.out.decode(),
+            "2022-05-16T10:04:59Z  sighting  evil.example.com  (of indicator--6911104f-c504-4086-a15b-05e28cf73435)\n",
+        )
 
     async def test_subscribe_human_readable(self):
         """subscribe prints one readable line per message; publish reads stdin with '-'."""
@@ -255,7 +305,7 @@ class CommandTests(TestCase):
         self.assertEqual(code, 1)
         self.assertIn(
             "cannot subscribe to 'intel' at " + manage_endpoint(top) + ": Threat Bus answered 'error' "
-            "to subscribe (the topics are threatbus/intel, threatbus/sighting, threatbus)",
+            "to subscribe (the topics are threatbus/intel, threatbus/sighting, threatbus, stix2/indicator, stix2/sighting, stix2)",
             err,
         )
 

@@ -17,7 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from txthreatbus import codec, logs
+from txthreatbus import codec, logs, stix
 from txthreatbus.client import (
     RETRY_INTERVAL,
     Client,
@@ -58,6 +58,14 @@ SIGHTING = Sighting(
     intel="intel-1",
     context={"source": "zeek"},
     ioc=("example.com",),
+)
+INDICATOR = stix.Indicator(
+    id="indicator--6911104f-c504-4086-a15b-05e28cf73435",
+    pattern="[ipv4-addr:value = '203.0.113.1']",
+    pattern_type="stix",
+    created="2022-05-16T10:00:00.000Z",
+    modified="2022-05-16T10:00:00.000Z",
+    valid_from="2022-05-16T10:00:00Z",
 )
 P2P = "a" * 32
 P2P_2 = "b" * 32
@@ -761,6 +769,32 @@ class LiveClientTests(TestCase):
         requester = await self.app(top, "threatbus/intel", snapshot=1)
         ((suffix, body),) = await requester.receive(1)
         self.assertEqual((suffix, codec.structure(Intel, body)), ("intel", INTEL))
+
+    async def test_stix_generation(self):
+        """A client subscribed to stix2 gets STIX objects (Intel translated), publishes them, and answers snapshots with them."""
+        top = start_bus(self)
+        received, subs = [], []
+
+        def consume(message):
+            received.append(message)
+            if isinstance(message, SnapshotRequest) and message.snapshot_type is MessageType.INTEL:
+                subs[0].answer_snapshot(message, [INDICATOR])
+
+        client = self.make_client(zmq_app_of(top).ports["manage"])
+        subs.append(await client.subscribe(["stix2/indicator", "stix2/sighting"], 0, consume))
+        await wait_for(lambda: zmq_app_of(top).subscriptions.get(subs[0].p2p).ready, what="the client's SUB socket")
+        old = await self.app(top, "threatbus/intel")
+        await publish_until_seen(old, "threatbus/intel", codec.encode(INTEL), [old])
+        await wait_for(lambda: received, what="the translated Intel")
+        self.assertIsInstance(received[0], stix.Indicator)
+        self.assertEqual(received[0].properties["x_threatbus_intel_id"], INTEL.id)
+        await subs[0].connected("stix2/indicator")
+        subs[0].publish(INDICATOR)
+        ((suffix, body),) = await old.receive(1)
+        self.assertEqual((suffix, body["id"]), ("intel", INDICATOR.id))
+        requester = await self.app(top, "threatbus/intel", snapshot=1)
+        ((suffix, body),) = await requester.receive(1)
+        self.assertEqual((suffix, body["data"]["indicator"]), ("intel", ["203.0.113.1"]))
 
     async def test_unsubscribe_on_stop(self):
         """Stopping the client unsubscribes at the bus."""

@@ -39,7 +39,7 @@ from twisted.logger import (
     globalLogBeginner,
 )
 
-from txthreatbus import __version__, codec, config as configuration, logs
+from txthreatbus import __version__, codec, config as configuration, logs, stix
 from txthreatbus.apps.zmq_app.curve import load_keys
 from txthreatbus.client import (
     DEFAULT_ENDPOINT,
@@ -58,7 +58,15 @@ from txthreatbus.model import Intel, MessageType, Sighting, SnapshotRequest
 log = Logger(namespace="txthreatbus.cli", observer=logs.publisher)
 
 #: What ``publish`` reads, by its first argument.
-KINDS = {"intel": Intel, "sighting": Sighting}
+KINDS = {"intel": Intel, "sighting": Sighting, "indicator": stix.Indicator, "stix-sighting": stix.Sighting}
+#: What ``publish`` subscribes to for each kind: never what it publishes,
+#: which the bus would send back, in either generation.
+_QUIET_TOPICS = {
+    "intel": "threatbus/sighting",
+    "sighting": "threatbus/intel",
+    "indicator": "stix2/sighting",
+    "stix-sighting": "stix2/indicator",
+}
 
 #: Input files at least this large get a progress bar (on a terminal).
 PROGRESS_MIN_BYTES = 1 << 20
@@ -146,19 +154,27 @@ _EXAMPLES = {
   txthreatbus subscribe threatbus/intel
   txthreatbus subscribe threatbus --snapshot 30 --json > everything.jsonl
   txthreatbus subscribe threatbus/sighting --endpoint bus.example.org:13370
+  txthreatbus subscribe stix2/indicator --json
 
-Prints each message as it arrives until Ctrl-C, which unsubscribes. With
---json each line is the message's JSON (as in the Threat Bus protocol) with
-an extra "type" key: "intel", "sighting" or "snapshotrequest". Heartbeats
+Prints each message as it arrives until Ctrl-C, which unsubscribes. The
+topic tells the generation: threatbus/... gives Threat Bus 2020 Intel and
+Sightings, stix2/... STIX 2.1 Indicators and Sightings (the bus translates
+between them). With --json each line is the message's JSON (as in the
+Threat Bus protocol); a 2020 message gets an extra "type" key: "intel",
+"sighting" or "snapshotrequest" (STIX objects have their own). Heartbeats
 every 5 s; when the bus restarts, subscribes again by itself.""",
     "publish": """examples:
   txthreatbus publish intel indicators.jsonl
   zcat sightings.jsonl.gz | txthreatbus publish sighting -
   txthreatbus subscribe threatbus/intel --json | txthreatbus publish intel --endpoint other-bus:13370
+  txthreatbus publish indicator stix-indicators.jsonl
 
-Each line is one JSON object in the shape of the Threat Bus protocol, e.g.
+Each line is one JSON object in the shape of the Threat Bus protocol: for
+intel and sighting as Threat Bus 2020 has them, e.g.
   {"ts": "2020-11-26 14:46:52", "id": "42", "data": {"indicator": ["example.com"], "intel_type": 11}, "operation": "ADD"}
   {"ts": "2020-11-26 14:47:00", "intel": "42", "context": {"source": "zeek"}, "ioc": ["example.com"]}
+for indicator and stix-sighting one STIX 2.1 object, e.g.
+  {"type": "indicator", "spec_version": "2.1", "id": "indicator--6911104f-c504-4086-a15b-05e28cf73435", "created": "2022-05-16T10:00:00.000Z", "modified": "2022-05-16T10:00:00.000Z", "pattern": "[domain-name:value = 'example.com']", "pattern_type": "stix", "valid_from": "2022-05-16T10:00:00Z"}
 Blank lines are skipped. Invalid lines are reported with their number and
 skipped; the exit code stays 0. A "type" key, as `subscribe --json` writes
 it, must match the kind. Exits 1 when the bus cannot be reached.""",
@@ -199,7 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
         "subscribe", "print the messages of a topic as they arrive", subscribe_command
     )
     subscribe.add_argument(
-        "topic", metavar="TOPIC", help="threatbus/intel, threatbus/sighting, or threatbus (both)"
+        "topic",
+        metavar="TOPIC",
+        help="threatbus/intel, threatbus/sighting, threatbus (both); or stix2/indicator, "
+        "stix2/sighting, stix2 (both)",
     )
     subscribe.add_argument(
         "--snapshot",
@@ -217,7 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds between heartbeats, which notice a restarted bus (default: %(default)s)",
     )
 
-    publish = command("publish", "publish Intel or Sightings from JSON lines", publish_command)
+    publish = command(
+        "publish", "publish Intel, Sightings or STIX Indicators and Sightings from JSON lines", publish_command
+    )
     publish.add_argument("kind", choices=sorted(KINDS), help="what the lines are")
     publish.add_argument(
         "file",
@@ -247,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
 EXIT_INTERRUPTED = 130
 
 #: The topics a subscription may name.
-TOPICS = ("threatbus/intel", "threatbus/sighting", "threatbus")
+TOPICS = ("threatbus/intel", "threatbus/sighting", "threatbus", "stix2/indicator", "stix2/sighting", "stix2")
 
 
 def parse_command_line(parser: argparse.ArgumentParser, argv: List[str]) -> argparse.Namespace:
@@ -332,6 +353,14 @@ def describe(message) -> str:
         ioc = " ".join(message.ioc) if message.ioc else "-"
         context = f"  {json.dumps(message.context, sort_keys=True)}" if message.context else ""
         return f"{message.ts}  sighting  {ioc}  (intel {message.intel}){context}"
+    if isinstance(message, stix.Indicator):
+        remove = "  REMOVE" if message.removes else ""
+        when = message.created or message.valid_from or "-"
+        return f"{when}  indicator  {message.pattern_type}: {message.pattern}  ({message.id}){remove}"
+    if isinstance(message, stix.Sighting):
+        when = message.last_seen or message.created or "-"
+        value = message.properties.get("x_threatbus_indicator_value", "-")
+        return f"{when}  sighting  {value}  (of {message.sighting_of_ref})"
     if isinstance(message, SnapshotRequest):
         seconds = int(message.snapshot.total_seconds())
         span = f"{seconds // 86400} days" if seconds % 86400 == 0 else f"{seconds} s"
@@ -343,9 +372,10 @@ def describe(message) -> str:
 
 
 def as_json(message) -> str:
-    """``message`` as one JSON line: its protocol JSON, with its type."""
-    kind = message.topic.rsplit("/", 1)[1]
-    return json.dumps({"type": kind, **codec.unstructure(message)})
+    """``message`` as one JSON line: its protocol JSON, with its type (a STIX object has its own)."""
+    if isinstance(message, stix.StixObject):
+        return codec.encode(message).decode("utf-8")
+    return json.dumps({"type": message.kind, **codec.unstructure(message)})
 
 
 async def subscribe_command(reactor, args) -> int:
@@ -513,6 +543,12 @@ class _Silent:
 def parse_line(kind: str, line: bytes):
     """The message of ``kind`` on one JSON line; raises ``codec.DecodeError``."""
     value = codec.loads(line)
+    cls = KINDS[kind]
+    if cls in stix.StixObject:
+        message = codec.structure_stix(value)
+        if type(message) is not cls:
+            raise codec.DecodeError(f"a STIX {message.stix_type}, not {cls.stix_type}")
+        return message
     if isinstance(value, dict) and "type" in value:
         value = dict(value)
         said = value.pop("type")
@@ -541,8 +577,7 @@ async def publish_command(reactor, args) -> int:
         # Publishing needs the bus's SUB endpoint, which a subscription
         # names. Subscribe to the other kind, not to what we publish: the
         # bus would send all of it back to us.
-        other = "threatbus/sighting" if args.kind == "intel" else "threatbus/intel"
-        sub = await client.subscribe(other)
+        sub = await client.subscribe(_QUIET_TOPICS[args.kind])
         # ZeroMQ's slow joiner: a PUB socket drops what it sends until the
         # bus's SUB socket has subscribed to it. Our PUB socket is an XPUB
         # and sees that subscription arrive: from then on nothing is lost.

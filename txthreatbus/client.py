@@ -51,11 +51,11 @@ from twisted.python.failure import Failure
 from txzmq import ZmqConnection, ZmqEndpoint, ZmqEndpointType, ZmqFactory, ZmqREQConnection
 from zope.interface import Attribute, Interface, implementer
 
-from txthreatbus import codec, logs
+from txthreatbus import codec, logs, stix
 from txthreatbus.apps.zmq_app.curve import CurveKeyError
 from txthreatbus.config import WILDCARD_HOSTS
 from txthreatbus.connections import BatchedReadConnection, XPubConnection
-from txthreatbus.model import Intel, Sighting, SnapshotEnvelope, SnapshotRequest
+from txthreatbus.model import Intel, Sighting, SnapshotEnvelope, SnapshotRequest, is_stix_topic
 
 log = Logger(observer=logs.publisher)
 
@@ -65,10 +65,18 @@ DEFAULT_ENDPOINT = "127.0.0.1:13370"
 #: Hosts a server may advertise that no client can connect to.
 _WILDCARD_HOSTS = (*WILDCARD_HOSTS, "")
 
-#: What a frame from the bus carries, by the suffix after the P2P topic.
+#: What a frame from the bus carries, by the suffix after the P2P topic, for
+#: a subscription of each generation (False: 2020, True: STIX-2).
 _SUFFIX_TOPICS = {
-    cls.topic.rsplit("/", 1)[1].encode(): cls.topic for cls in (Intel, Sighting, SnapshotRequest)
+    False: {b"intel": Intel.topic, b"sighting": Sighting.topic, b"snapshotrequest": SnapshotRequest.topic},
+    True: {
+        b"indicator": stix.Indicator.topic,
+        b"sighting": stix.Sighting.topic,
+        b"snapshotrequest": SnapshotRequest.topic,
+    },
 }
+#: What a subscription may publish.
+_PUBLISHABLE = (Intel, Sighting, stix.Indicator, stix.Sighting, SnapshotEnvelope)
 
 #: Seconds between tries to send when ZeroMQ's queue is full.
 RETRY_INTERVAL = 0.005
@@ -588,10 +596,12 @@ class Subscription(Service):
     """
 
     def __init__(
-        self, client: "Client", topic: str, snapshot_days: int, callback, endpoints: Endpoints
+        self, client: "Client", topic, snapshot_days: int, callback, endpoints: Endpoints
     ):
         self._client = client
         self.topic = topic
+        first = topic if isinstance(topic, str) else topic[0]
+        self._receives = _SUFFIX_TOPICS[is_stix_topic(first)]
         self.snapshot_days = snapshot_days
         self.endpoints = endpoints
         self.resubscriptions = 0
@@ -784,7 +794,7 @@ class Subscription(Service):
             log.debug("Ignored a frame not for {p2p}: {head!r}", p2p=self.p2p, head=head[:64])
             return
         suffix = head[len(prefix) :]
-        topic = _SUFFIX_TOPICS.get(suffix)
+        topic = self._receives.get(suffix)
         if topic is None:
             log.warn(
                 "Ignored a message of unknown type {suffix!r} from Threat Bus", suffix=suffix[:64]
@@ -822,10 +832,11 @@ class Subscription(Service):
 
     def publish(self, message) -> None:
         """
-        Publish an ``Intel``, ``Sighting`` or ``SnapshotEnvelope`` on its
+        Publish an ``Intel``, ``Sighting``, STIX ``Indicator`` or
+        ``Sighting`` (``txthreatbus.stix``) or ``SnapshotEnvelope`` on its
         topic. It goes out as soon as the bus takes it, in order.
         """
-        if not isinstance(message, (Intel, Sighting, SnapshotEnvelope)):
+        if not isinstance(message, _PUBLISHABLE):
             raise TypeError(f"cannot publish {type(message).__name__}: not a message for the bus")
         if self._stopping is not None:
             raise ClientStopped(f"{self!r} is unsubscribed")
@@ -846,8 +857,9 @@ class Subscription(Service):
 
     def answer_snapshot(self, request: SnapshotRequest, items: Iterable) -> int:
         """
-        Answer ``request`` with ``items`` (Intel for an INTEL snapshot,
-        Sightings for a SIGHTING one): each goes out in a ``SnapshotEnvelope``
+        Answer ``request`` with ``items`` (Intel or STIX Indicators for an
+        INTEL snapshot, Sightings of either generation for a SIGHTING one):
+        each goes out in a ``SnapshotEnvelope``
         on ``threatbus/snapshotenvelope``. Raises ``ValueError`` before
         sending anything if an item has the wrong type. Returns the count.
         """
@@ -1000,13 +1012,19 @@ class Client(MultiService):
 
     # --- subscriptions
 
-    def subscribe(self, topic: str, snapshot_days: int = 0, callback=None) -> Deferred:
+    def subscribe(self, topic, snapshot_days: int = 0, callback=None) -> Deferred:
         """
-        Subscribe to ``topic`` (``threatbus/intel``, ``threatbus/sighting``
-        or ``threatbus``), asking for a snapshot of the last
+        Subscribe to ``topic``, asking for a snapshot of the last
         ``snapshot_days`` days if > 0. A Deferred of the ``Subscription``;
         ``callback(message)`` gets each message that arrives (it may return
         a Deferred).
+
+        The topic tells the generation of what arrives: ``threatbus/intel``,
+        ``threatbus/sighting`` or ``threatbus`` give ``txthreatbus.model``'s
+        Intel and Sightings; ``stix2/indicator``, ``stix2/sighting``,
+        ``stix2`` (or a list of them) give ``txthreatbus.stix``'s Indicators
+        and Sightings. Either way snapshot requests come as
+        ``SnapshotRequest``.
         """
         if (
             not isinstance(snapshot_days, int)
