@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from txthreatbus import config
@@ -18,6 +19,7 @@ from txthreatbus.config import (
     LoggingConfig,
     MetricsConfig,
     RabbitMQConfig,
+    ZmqAppConfig,
 )
 
 #: A complete config.yaml as Threat Bus 2020.11.26 documents it.
@@ -351,6 +353,61 @@ class ConfigErrorTests(ConfigTestCase):
         e = self.assertRaises(ConfigError, config.load, path)
         self.assertIn(path, str(e))
         self.assertIn("plugins.apps.zmq-app.manage:", str(e))
+
+
+THREATBUS_2022_5_16 = """\
+logging:
+  console: true
+  console_verbosity: INFO
+  file: false
+  file_verbosity: INFO
+  filename: threatbus.log
+
+plugins:
+  backbones:
+    inmem: {}
+  apps:
+    zmq:
+      host: "127.0.0.1"
+      manage: 13370
+      pub: 13371
+      sub: 13372
+"""
+
+
+class StixGenerationConfigTests(ConfigTestCase):
+    """A Threat Bus 2022.5.16 config (plugins.apps.zmq) works unchanged, beside or instead of zmq-app."""
+
+    def test_zmq(self):
+        """plugins.apps.zmq is the only app plugin when it is the only one given."""
+        c = config.load(self.write(THREATBUS_2022_5_16))
+        self.assertEqual(list(c.apps), ["zmq"])
+        self.assertEqual((c.zmq_app.host, c.zmq_app.manage, c.zmq_app.pub, c.zmq_app.sub), ("127.0.0.1", 13370, 13371, 13372))
+
+    def test_both(self):
+        """zmq-app and zmq together are two plugins, in the file's order, each on its own ports."""
+        c = config.parse("plugins: {apps: {zmq: {manage: 1, pub: 2, sub: 3}, zmq-app: {}}}")
+        self.assertEqual(list(c.apps), ["zmq", "zmq-app"])
+        self.assertEqual(c.apps["zmq-app"], ZmqAppConfig())
+        self.assertConfigError(
+            "plugins: {apps: {zmq: {}, zmq-app: {}}}",
+            "plugins.apps.zmq-app.manage: port 13370 is plugins.apps.zmq.manage's too",
+        )
+
+    def test_environment(self):
+        """THREATBUS_PLUGINS__APPS__ZMQ__* set the zmq plugin, as Threat Bus 2022 reads them."""
+        loaded = config.load(self.write(THREATBUS_2022_5_16), {"THREATBUS_PLUGINS__APPS__ZMQ__HOST": "0.0.0.0"})
+        self.assertEqual(loaded.apps["zmq"].host, "0.0.0.0")
+
+    def test_two_plugins_run(self):
+        """The service tree has one app plugin per key, named by it, each with its config."""
+        from txthreatbus.apps.zmq_app.memory import MemorySockets
+        from txthreatbus.tap import bus_service
+
+        c = config.parse("plugins: {apps: {zmq: {manage: 1, pub: 2, sub: 3}, zmq-app: {}}}")
+        top = bus_service(c, Clock(), sockets=MemorySockets)
+        for name in ("zmq", "zmq-app"):
+            self.assertIs(top.getServiceNamed(name).config, c.apps[name])
 
 
 class EnvironmentTests(ConfigTestCase):

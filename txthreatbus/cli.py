@@ -726,13 +726,6 @@ def summarize(config: configuration.Config) -> List[str]:
         )
     else:
         backbone_text = "inmem (in-memory, one instance)"
-    app = config.zmq_app
-    advertised = f", advertised as {app.advertise_host}" if app.advertise_host else ""
-    expiry = (
-        f"after {app.subscription_timeout:g} s without heartbeat"
-        if app.subscription_timeout
-        else "never"
-    )
     if config.metrics is None:
         metrics = "off"
     else:
@@ -742,22 +735,29 @@ def summarize(config: configuration.Config) -> List[str]:
     logging = config.logging
     log_file = f"{logging.filename} at {logging.file_verbosity}" if logging.file else "off"
     console = logging.console_verbosity if logging.console else "off"
-    return [
-        f"  backbone: {backbone_text}",
-        f"  zmq-app:  {app.host}{advertised}: manage {app.manage}, pub {app.pub}, sub {app.sub}"
-        + ("" if app.curve is None else ", CURVE encryption"),
-        f"            subscriptions expire {expiry}; snapshots time out after {app.snapshot_timeout:g} s",
-        f"  metrics:  {metrics}",
-        f"  logging:  console {console}, file {log_file}",
-    ]
+    lines = [f"  backbone: {backbone_text}"]
+    for name, app in config.apps.items():
+        advertised = f", advertised as {app.advertise_host}" if app.advertise_host else ""
+        expiry = (
+            f"after {app.subscription_timeout:g} s without heartbeat"
+            if app.subscription_timeout
+            else "never"
+        )
+        lines += [
+            f"  {name + ':':<9} {app.host}{advertised}: manage {app.manage}, pub {app.pub}, sub {app.sub}"
+            + ("" if app.curve is None else ", CURVE encryption"),
+            f"            subscriptions expire {expiry}; snapshots time out after {app.snapshot_timeout:g} s",
+        ]
+    return lines + [f"  metrics:  {metrics}", f"  logging:  console {console}, file {log_file}"]
 
 
 async def check_config_command(reactor, args) -> int:
     try:
         config = configuration.load(args.config_file, os.environ)
-        if config.zmq_app.curve is not None:
-            # as start-up will: a missing or bad key file is an error now
-            load_keys(config.zmq_app.curve)
+        for app in config.apps.values():
+            if app.curve is not None:
+                # as start-up will: a missing or bad key file is an error now
+                load_keys(app.curve)
     except (configuration.ConfigError, CurveKeyError) as e:
         _error("check-config", str(e))
         return 1
