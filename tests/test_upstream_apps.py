@@ -226,8 +226,9 @@ async def build_venv(testcase: TestCase, app: Upstream) -> str:
         ]  # fmt: skip
         code, output = await run(testcase, f"pip install {app.name}", pip, PIP_DEADLINE)
         if code != 0:
+            said = [line for line in output.splitlines() if line.strip()][-3:]
             raise Unavailable(
-                f"pip cannot install {app.name}=={app.version} (no package index?): {output[-2000:]}"
+                f"pip cannot install {app.name}=={app.version} (no package index?): {' | '.join(said)}"
             )
         with open(os.path.join(building, MARKER), "w", encoding="utf-8") as f:
             json.dump({"requirements": open(app.requirements, encoding="utf-8").read()}, f)
@@ -442,6 +443,11 @@ class World:
             json.dump(matches, f)
         os.replace(path + ".new", path)
 
+    def vast_live_match(self, app: Upstream, match: dict) -> None:
+        """Have ``app``'s fake live matcher (``vast matcher attach/start``) report ``match``."""
+        with open(os.path.join(self.workdir(app), "vast-live.jsonl"), "a", encoding="utf-8") as f:
+            f.write(json.dumps(match) + "\n")
+
     def diagnostics(self) -> str:
         parts = [p.describe() for p in self.processes.values()]
         for app in self.apps:
@@ -517,6 +523,7 @@ class World:
             "PYTHONUNBUFFERED": "1",
             "FAKE_VAST_LOG": os.path.join(workdir, "vast-calls.jsonl"),
             "FAKE_VAST_MATCHES": os.path.join(workdir, "vast-matches.json"),
+            "FAKE_VAST_LIVE": os.path.join(workdir, "vast-live.jsonl"),
             "FAKE_SURICATASC_LOG": os.path.join(workdir, "suricatasc-calls.jsonl"),
             "FAKE_VAST_LIFETIME": str(TEST_TIMEOUT),
         }
@@ -702,10 +709,12 @@ class TwoGenerationsTests(TestCase):
             "vast-threatbus's STIX Sighting on stix2/sighting",
         )
         self.assertEqual(stix[0]["x_threatbus_match_type"], "RETRO")
-        # of the Indicator that vast-threatbus was given
+        # of the Indicator that vast-threatbus was given (its live matcher gets it too, concurrently)
         reference = "threatbus__" + stix[0]["sighting_of_ref"]
-        self.assertIn(
-            ["matcher", "add", MATCHER, "sighted.example.com", reference], world.vast_calls(VAST_2022)
+        await world.expect(
+            lambda: ["matcher", "add", MATCHER, "sighted.example.com", reference]
+            in world.vast_calls(VAST_2022),
+            "vast-threatbus to add the same Indicator to its matcher",
         )
         sightings = await world.expect(
             lambda: world.old.find("sighting", lambda s: s.get("context", {}).get("dns") == event["dns"]),
@@ -717,6 +726,43 @@ class TwoGenerationsTests(TestCase):
         self.assertEqual(sighting["ioc"], ["sighted.example.com"])
         self.assertEqual({k: v for k, v in sighting["context"].items() if k != "source"}, event)
         self.assertTrue(re.match(r"2022-05-16[ T]10:11:12", sighting["ts"]), sighting)
+        world.assert_running()
+
+    async def test_vast_threatbus_live_sighting_reaches_2020(self):
+        """vast-threatbus's live-matcher Sighting of an Indicator made from a 2020 Intel reaches 2020 apps as one of that Intel."""
+        world = await self.world()
+        world.old.publish("threatbus/intel", intel("intel-live-1", IPSRC, "192.0.2.77"))
+        calls = await world.expect(
+            lambda: [
+                c for c in world.vast_calls(VAST_2022) if c[:4] == ["matcher", "add", MATCHER, "192.0.2.77"]
+            ],
+            "vast-threatbus to add 192.0.2.77 to its matcher",
+        )
+        reference = calls[0][4]
+        event = {"ts": "2022-05-16T11:22:33.000000", "event_type": "flow", "src_ip": "192.0.2.77"}
+        # VAST's matcher reports the reference it was given as a quoted string
+        world.vast_live_match(
+            VAST_2022,
+            {"event": event, "indicator": {"value": "192.0.2.77", "context": json.dumps(reference)}},
+        )
+
+        stix = await world.expect(
+            lambda: world.new.find("sighting", lambda s: s.get("x_threatbus_sighting_context") == event),
+            "vast-threatbus's live STIX Sighting on stix2/sighting",
+        )
+        self.assertEqual(stix[0]["x_threatbus_match_type"], "LIVE")
+        self.assertEqual(stix[0]["x_threatbus_indicator_value"], "192.0.2.77")
+        self.assertEqual("threatbus__" + stix[0]["sighting_of_ref"], reference)
+        sightings = await world.expect(
+            lambda: world.old.find("sighting", lambda s: s.get("context", {}).get("src_ip") == "192.0.2.77"),
+            "the 2020 Sighting",
+        )
+        self.assertEqual(len(sightings), 1, sightings)
+        sighting = sightings[0]
+        self.assertEqual(sighting["intel"], "intel-live-1")
+        self.assertEqual(sighting["ioc"], ["192.0.2.77"])
+        self.assertEqual({k: v for k, v in sighting["context"].items() if k != "source"}, event)
+        self.assertTrue(re.match(r"2022-05-16[ T]11:22:33", sighting["ts"]), sighting)
         world.assert_running()
 
     async def test_stix_indicator_reaches_pyvast_threatbus(self):
