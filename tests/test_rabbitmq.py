@@ -1301,3 +1301,34 @@ class BusBrokerTests(BrokerTestCase):
         for app in (bystander, server):
             self.assertEqual([f for f in drain(app.sub) if b"from-the-past" in f], [])
         self.assertEqual([f for f in drain(requester.sub) if b"probe" not in f], [])
+
+    async def test_stix_crosses_instances(self):
+        """A STIX Indicator published at instance 1 reaches STIX apps at instance 2 as sent, and 2020 apps there as Intel."""
+        one, two = await self.start_two()
+        ctx = Context(self)
+        publisher = App.on(ctx, one)
+        await publisher.subscribe(ctx, "stix2/sighting")
+        receivers = []
+        for topic in ("stix2/indicator", "threatbus/intel"):
+            app = App.on(ctx, two)
+            await app.subscribe(ctx, topic)
+            await app.wait_connected(two)
+            receivers.append(app)
+        indicator = {
+            "type": "indicator",
+            "spec_version": "2.1",
+            "id": "indicator--6911104f-c504-4086-a15b-05e28cf73435",
+            "pattern": "[domain-name:value = 'evil.example.com']",
+            "pattern_type": "stix",
+        }
+        await publish_until_seen(publisher, "stix2/indicator", indicator, receivers)
+        sent = json.dumps({**indicator, "name": "the-one"}).encode()
+        publisher.pub.send(b"stix2/indicator " + sent)
+        stix_app, old_app = receivers
+        frames = await wait_for(
+            lambda: [f for f in drain(stix_app.sub) if b"the-one" in f], what="the Indicator at instance 2"
+        )
+        self.assertEqual(frames, [stix_app.p2p.encode() + b"indicator " + sent])
+        ((suffix, intel),) = await old_app.receive(1)  # the probes' Intel is the same
+        self.assertEqual((suffix, intel["id"]), ("intel", indicator["id"]))
+        self.assertEqual(intel["data"], {"indicator": ["evil.example.com"], "intel_type": 11})

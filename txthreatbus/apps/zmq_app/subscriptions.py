@@ -50,11 +50,9 @@ def new_p2p_topic() -> str:
 
 
 def _outermost(topics: Tuple[str, ...]) -> Tuple[str, ...]:
-    """``topics`` without those under another of them: each message comes once."""
-    return tuple(
-        t for i, t in enumerate(topics)
-        if not any(matches(o, t) and (o != t or j < i) for j, o in enumerate(topics) if j != i)
-    )
+    """``topics`` without repeats and those under another of them: each message comes once."""
+    topics = tuple(dict.fromkeys(topics))
+    return tuple(t for t in topics if not any(o != t and matches(o, t) for o in topics))
 
 
 class AppSubscription:
