@@ -6,6 +6,10 @@ bus, with fake ``vast`` and ``suricatasc`` commands (tests/upstream/bin) first
 on their PATH, so that what the apps do shows in the fakes' call logs and in
 the Suricata rules file.
 
+One test runs the bus with both app plugins, ``zmq-app`` for the 2020 apps
+and ``zmq`` for the 2022 apps, each on its own ports; the others with
+``zmq-app`` alone, serving both generations.
+
 The test itself takes part as an app of each generation (pyzmq, as the
 upstream apps do it): a 2020 app subscribed to ``threatbus`` and a 2022 app
 subscribed to ``["stix2/indicator", "stix2/sighting"]`` (what upstream's own
@@ -208,8 +212,11 @@ async def build_venv(testcase: TestCase, app: Upstream) -> str:
     if complete(final):
         return final
     root = os.path.dirname(final)
-    os.makedirs(root, exist_ok=True)
-    building = tempfile.mkdtemp(prefix=os.path.basename(final) + ".building-", dir=root)
+    try:
+        os.makedirs(root, exist_ok=True)
+        building = tempfile.mkdtemp(prefix=os.path.basename(final) + ".building-", dir=root)
+    except OSError as e:
+        raise Unavailable(f"cannot write the venv cache {root}: {e}") from None
     started = time.monotonic()
     try:
         code, output = await run(
@@ -230,8 +237,10 @@ async def build_venv(testcase: TestCase, app: Upstream) -> str:
             raise Unavailable(
                 f"pip cannot install {app.name}=={app.version} (no package index?): {' | '.join(said)}"
             )
+        with open(app.requirements, encoding="utf-8") as f:
+            requirements = f.read()
         with open(os.path.join(building, MARKER), "w", encoding="utf-8") as f:
-            json.dump({"requirements": open(app.requirements, encoding="utf-8").read()}, f)
+            json.dump({"requirements": requirements}, f)
         # a venv works from anywhere when started as <venv>/bin/python, which
         # is how the apps run: rename the complete one into place, atomically
         if os.path.exists(final) and not complete(final):
@@ -384,7 +393,7 @@ def template(name: str, **values) -> str:
 
 
 def read_calls(path: str) -> list:
-    """The argv lists (and stdin, for ``import``) a fake logged, complete lines only."""
+    """The records a fake logged (its argv, and more), complete lines only."""
     try:
         with open(path, encoding="utf-8") as f:
             return [json.loads(line) for line in f if line.endswith("\n")]
@@ -393,11 +402,16 @@ def read_calls(path: str) -> list:
 
 
 class World:
-    """A bus (twistd) with the given upstream apps and the two peers, stopped at cleanup."""
+    """
+    A bus (twistd) with the given upstream apps and the two peers, stopped at
+    cleanup. With ``two_plugins``, the bus runs both app plugins, ``zmq-app``
+    for the 2020 apps and ``zmq`` for the 2022 apps; else ``zmq-app`` for all.
+    """
 
-    def __init__(self, testcase: TestCase, apps: list):
+    def __init__(self, testcase: TestCase, apps: list, two_plugins: bool = False):
         self.testcase = testcase
         self.apps = apps
+        self.two_plugins = two_plugins
         self.dir = os.path.abspath(testcase.mktemp())
         os.makedirs(self.dir)
         self.processes = {}
@@ -476,27 +490,42 @@ class World:
         await self.start_bus()
         for app in self.apps:
             self.start_app(app, paths[app.name])
-        self.old = Peer(2020, self.ctx.socket(zmq.REQ, f"tcp://127.0.0.1:{self.ports['manage']}"))
+        self.old = Peer(2020, self.ctx.socket(zmq.REQ, f"tcp://127.0.0.1:{self.manage_port(2020)}"))
         await self.old.subscribe(self.ctx, "threatbus")
         if any(a.version.startswith("2022") for a in self.apps):
-            self.new = Peer(2022, self.ctx.socket(zmq.REQ, f"tcp://127.0.0.1:{self.ports['manage']}"))
+            self.new = Peer(2022, self.ctx.socket(zmq.REQ, f"tcp://127.0.0.1:{self.manage_port(2022)}"))
             await self.new.subscribe(self.ctx, ["stix2/indicator", "stix2/sighting"])
         await self.until_ready()
         return self
+
+    def manage_port(self, generation: int) -> int:
+        """The manage port for apps of ``generation``."""
+        plugin = "zmq" if self.two_plugins and generation == 2022 else "zmq-app"
+        return self.ports[plugin]["manage"]
 
     async def start_bus(self, attempts: int = 3) -> None:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p)
         for attempt in range(attempts):
-            manage, pub, sub = free_ports(3)
-            self.ports = {"manage": manage, "pub": pub, "sub": sub}
+            plugins = ["zmq-app", "zmq"] if self.two_plugins else ["zmq-app"]
+            ports = iter(free_ports(3 * len(plugins)))
+            self.ports = {plugin: {e: next(ports) for e in ("manage", "pub", "sub")} for plugin in plugins}
+            values = {
+                (e if plugin == "zmq-app" else f"{plugin}_{e}"): str(port)
+                for plugin, endpoints in self.ports.items()
+                for e, port in endpoints.items()
+            }
             path = os.path.join(self.dir, "bus.yaml")
             with open(path, "w", encoding="utf-8") as f:
-                f.write(template("bus.yaml", **{k: str(v) for k, v in self.ports.items()}))
+                f.write(template("bus-two-plugins.yaml" if self.two_plugins else "bus.yaml", **values))
             argv = [sys.executable, "-c", TWISTD, "-n", "--pidfile", os.path.join(self.dir, "twistd.pid"),
                     "zmq-app", "--config", path]  # fmt: skip
             bus = self.processes["twistd"] = spawn("twistd -n zmq-app", argv, env, self.dir)
-            wanted = [f"{e} endpoint listening on 127.0.0.1:{p}" for e, p in self.ports.items()]
+            wanted = [
+                f"{plugin} {e} endpoint listening on 127.0.0.1:{port}"
+                for plugin, endpoints in self.ports.items()
+                for e, port in endpoints.items()
+            ]
             await wait_for(
                 lambda: bus.done or all(w in bus.text() for w in wanted),
                 START_DEADLINE,
@@ -514,7 +543,8 @@ class World:
         open(os.path.join(workdir, "threatbus.rules"), "w").close()
         config = os.path.join(workdir, "config.yaml")
         with open(config, "w", encoding="utf-8") as f:
-            f.write(template(app.config, manage=str(self.ports["manage"]), workdir=workdir))
+            manage = self.manage_port(int(app.version[:4]))
+            f.write(template(app.config, manage=str(manage), workdir=workdir))
         env = {
             "PATH": os.pathsep.join([FAKES, os.path.join(venv, "bin"), os.environ.get("PATH", os.defpath)]),
             "HOME": workdir,
@@ -819,4 +849,44 @@ class TwoGenerationsTests(TestCase):
         self.assertIn("txthreatbus probe", world.rules())
         # nothing of a Suricata rule reaches 2020 apps: Intel has no slot for it
         self.assertFalse(any("4711001" in " ".join(c) for c in world.vast_calls(PYVAST_2020)))
+        world.assert_running()
+
+
+class TwoPluginsTests(TestCase):
+    """The bus with both app plugins: the 2020 apps on zmq-app, the 2022 apps on zmq, each on its own ports."""
+
+    timeout = TEST_TIMEOUT
+
+    async def test_across_plugins(self):
+        """2020 Intel, STIX Indicators and Sightings cross from one plugin's apps to the other's."""
+        world = await World(self, [PYVAST_2020, VAST_2022, SURICATA_2022], two_plugins=True).start()
+        event = dns_event("across.example.com", "2022-05-16T13:14:15")
+        world.set_vast_matches(VAST_2022, {"across.example.com": [event]})
+        body = domain_indicator("stix-across.example.com")
+        rule = suricata_rule(4711002, "txthreatbus across plugins")
+
+        world.old.publish("threatbus/intel", intel("intel-across-1", DOMAIN, "across.example.com"))
+        world.new.publish("stix2/indicator", body)
+        world.new.publish("stix2/indicator", indicator(rule, pattern_type="suricata"))
+
+        await world.expect(
+            lambda: any(
+                c[:4] == ["matcher", "add", MATCHER, "across.example.com"]
+                for c in world.vast_calls(VAST_2022)
+            ),
+            "vast-threatbus (on zmq) to add the 2020 Intel (from zmq-app) to its matcher",
+        )
+        await world.expect(
+            lambda: ["export", "--max-events=0", "json", vast_2020_query("stix-across.example.com")]
+            in world.vast_calls(PYVAST_2020),
+            "pyvast-threatbus (on zmq-app) to retro-query the STIX Indicator (from zmq)",
+        )
+        await world.expect(
+            lambda: rule + "\n" in world.rules(), "the rule in suricata-threatbus's rules file"
+        )
+        sightings = await world.expect(
+            lambda: world.old.find("sighting", lambda s: s.get("context", {}).get("dns") == event["dns"]),
+            "vast-threatbus's Sighting as a 2020 Sighting on zmq-app",
+        )
+        self.assertEqual(sightings[0]["intel"], "intel-across-1")
         world.assert_running()
