@@ -24,15 +24,10 @@ from tests.support import (
     wait_for,
     zmq_app_of,
 )
+from tests.test_zmq_app import INTEL
 from txthreatbus import bridge
 from txthreatbus.config import Config, ZmqAppConfig
 
-INTEL = {
-    "ts": "2020-11-26 14:46:52.123456",
-    "id": "intel-1",
-    "data": {"indicator": ["evil.example.com"], "intel_type": 11, "source": "MISP"},
-    "operation": "ADD",
-}
 INDICATOR = {
     "type": "indicator",
     "spec_version": "2.1",
