@@ -378,6 +378,13 @@ class StixSightingToSightingTests(BridgeCase):
         self.assertEqual(result.ioc, ("o'r.example",))
         self.assertIsNone(self.bridge.translate(stix_sighting()).ioc)
 
+    def test_odd_custom_properties_left_out(self):
+        """Threat Bus properties of unexpected types are left out, not a reason to drop the Sighting."""
+        result = self.bridge.translate(
+            stix_sighting(x_threatbus_sighting_context=None, x_threatbus_source=5, x_threatbus_indicator_value=["x"])
+        )
+        self.assertEqual((result.context, result.ioc), ({}, None))
+
     def test_memory_bounded(self):
         """With memory=2 the oldest derived id is forgotten, the later ones still map back."""
         small = Bridge(self.metrics, self.clock, memory=2)

@@ -264,9 +264,11 @@ class Bridge:
         intel = self.original_id(sighting.sighting_of_ref)
         if isinstance(embedded, dict) and type(embedded.get("x_threatbus_intel_id")) is str:
             intel = embedded["x_threatbus_intel_id"]
-        context = dict(properties.get("x_threatbus_sighting_context", {}))
+        # custom properties, of any type: what is not as expected is left out
+        context = properties.get("x_threatbus_sighting_context")
+        context = dict(context) if type(context) is dict else {}
         source = properties.get("x_threatbus_source")
-        if source is not None:
+        if type(source) is str:
             context.setdefault("source", source)
         ts = sighting.last_seen or sighting.created
         return (
@@ -283,7 +285,7 @@ class Bridge:
 def _ioc(properties: dict):
     """The indicator values a STIX Sighting names, or None."""
     value = properties.get("x_threatbus_indicator_value")
-    if value is not None:
+    if type(value) is str:
         return (value,)
     embedded = properties.get("x_threatbus_indicator")
     if isinstance(embedded, dict) and type(embedded.get("pattern")) is str:

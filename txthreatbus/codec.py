@@ -6,8 +6,9 @@ messages as 2020.11.26 does, STIX objects and 2022 snapshot messages as
 ``encode`` gives a message's JSON bytes and computes them once per message
 object, however many apps receive it. ``decode`` validates everything it
 reads and raises ``DecodeError`` (and nothing else) with a message that says
-what is wrong. A STIX object or 2022 envelope keeps the bytes it came in:
-each is forwarded exactly as its app sent it.
+what is wrong. A STIX object keeps the bytes it came in, and is forwarded
+exactly as its app sent it (one that came in an envelope, as an equal JSON
+value).
 """
 
 from __future__ import annotations

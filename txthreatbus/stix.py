@@ -79,7 +79,8 @@ def format_timestamp(ts: datetime) -> str:
     """``ts`` as a STIX timestamp to the millisecond (naive ``ts`` is taken as UTC)."""
     if ts.tzinfo is not None:
         ts = ts.astimezone(timezone.utc)
-    return ts.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ts.microsecond // 1000:03d}Z"
+    # (strftime's %Y does not pad years before 1000)
+    return f"{ts.year:04d}-" + ts.strftime("%m-%dT%H:%M:%S.") + f"{ts.microsecond // 1000:03d}Z"
 
 
 def _timestamp(name: str, value) -> None:
@@ -234,7 +235,8 @@ class Indicator:
 
     @pattern.validator
     def _pattern(self, attribute, value) -> None:
-        _string("pattern", value)
+        if type(value) is not str:
+            raise StixError(f"pattern must be a string, not {type(value).__name__}", reason="invalid_pattern")
 
     @pattern_type.validator
     def _pattern_type(self, attribute, value) -> None:
