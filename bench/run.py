@@ -296,7 +296,7 @@ def run_stix(args, ours: str, limit: str, reference: str | None) -> bool:
         sign = ">=" if better == "higher" else "<="
         print(
             f"| {name} | {figure} | {num(o)} | {num(l)} | {'skipped' if reference is None else num(r)} "
-            f"| {num(ratio, '{:.2f}')} | {'' if reference is None else num(ref_ratio, '{:.3f}')} "
+            f"| {num(ratio, '{:.2f}')} | {'' if reference is None else num(ref_ratio, '{:.3f}' if better == 'higher' else '{:.2f}')} "
             f"| {'-' if target is None else f'{sign} {target}'} | {num(loss_o, '{}')} "
             f"| {'' if reference is None else num(loss_r, '{}')} | {'yes' if met else 'NO'} |"
         )
