@@ -348,7 +348,7 @@ class PatternLimitTests(SynchronousTestCase):
     def test_long_pattern_not_parsed(self):
         """A pattern over MAX_PARSED_LENGTH that is not point equality is refused without running the parser."""
         called = []
-        self.patch(patterns, "run_validator", lambda *args: called.append(args) or [])
+        self.patch(patterns._library(), "run_validator", lambda *args: called.append(args) or [])
         clause = "domain-name:value = 'a.example'"
         pattern = "[" + " OR ".join([clause] * (patterns.MAX_PARSED_LENGTH // len(clause) + 1)) + "]"
         self.assertGreater(len(pattern), patterns.MAX_PARSED_LENGTH)
@@ -360,11 +360,20 @@ class PatternLimitTests(SynchronousTestCase):
 
     def test_long_point_equality_accepted(self):
         """A point-equality pattern over MAX_PARSED_LENGTH is still valid: the fast path needs no parser."""
-        self.patch(patterns, "run_validator", lambda *args: self.fail("the parser ran"))
+        self.patch(patterns._library(), "run_validator", lambda *args: self.fail("the parser ran"))
         value = "a" * (patterns.MAX_PARSED_LENGTH + 1)
         pattern = patterns.point_pattern("url:value", value)
         patterns.validate(pattern)
         self.assertEqual(patterns.point(pattern), ("url:value", value))
+
+    def test_library_loads_when_needed(self):
+        """Importing the bus does not load stix2-patterns (nor ANTLR): a 2020-only bus never carries it."""
+        import subprocess
+        import sys
+
+        code = "import sys, txthreatbus.tap; print(sorted(m for m in sys.modules if m.startswith(('stix2patterns', 'antlr4'))))"
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        self.assertEqual(out, "[]\n")
 
     def test_deep_nesting(self):
         """A pattern nested 5000 deep is refused with a PatternError, not a crash."""

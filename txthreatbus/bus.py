@@ -162,7 +162,7 @@ class Bus(Service):
     def _route(self, message) -> None:
         self._hand(message, _CHAINS[type(message)])
         counterparts = _COUNTERPARTS[type(message)]
-        if any(topic in self._consumers for topic in counterparts):
+        if not self._consumers.keys().isdisjoint(counterparts):
             translated = self.bridge.translate(message)
             if translated is not None:
                 self._hand(translated, counterparts)
