@@ -747,7 +747,12 @@ class TwoGenerationsTests(TestCase):
             "vast-threatbus to add the same Indicator to its matcher",
         )
         sightings = await world.expect(
-            lambda: world.old.find("sighting", lambda s: s.get("context", {}).get("dns") == event["dns"]),
+            # (the fake vast also matches stix-across.example.com, the STIX Indicator's value:
+            # that Sighting is of the STIX Indicator, and may come first)
+            lambda: world.old.find(
+                "sighting",
+                lambda s: s.get("context", {}).get("dns") == event["dns"] and s.get("ioc") == ["across.example.com"],
+            ),
             "the 2020 Sighting",
         )
         self.assertEqual(len(sightings), 1, sightings)
@@ -811,7 +816,12 @@ class TwoGenerationsTests(TestCase):
         )
         # pyvast-threatbus reports a 2020 Sighting of the Intel whose id is the Indicator's
         sightings = await world.expect(
-            lambda: world.old.find("sighting", lambda s: s.get("context", {}).get("dns") == event["dns"]),
+            # (the fake vast also matches stix-across.example.com, the STIX Indicator's value:
+            # that Sighting is of the STIX Indicator, and may come first)
+            lambda: world.old.find(
+                "sighting",
+                lambda s: s.get("context", {}).get("dns") == event["dns"] and s.get("ioc") == ["across.example.com"],
+            ),
             "pyvast-threatbus's 2020 Sighting",
         )
         self.assertEqual(sightings[0]["intel"], body["id"])
@@ -885,7 +895,12 @@ class TwoPluginsTests(TestCase):
             lambda: rule + "\n" in world.rules(), "the rule in suricata-threatbus's rules file"
         )
         sightings = await world.expect(
-            lambda: world.old.find("sighting", lambda s: s.get("context", {}).get("dns") == event["dns"]),
+            # (the fake vast also matches stix-across.example.com, the STIX Indicator's value:
+            # that Sighting is of the STIX Indicator, and may come first)
+            lambda: world.old.find(
+                "sighting",
+                lambda s: s.get("context", {}).get("dns") == event["dns"] and s.get("ioc") == ["across.example.com"],
+            ),
             "vast-threatbus's Sighting as a 2020 Sighting on zmq-app",
         )
         self.assertEqual(sightings[0]["intel"], "intel-across-1")

@@ -2,7 +2,7 @@
 txZMQ connections that the bus and the client both use.
 
 ``BatchedReadConnection`` reads a socket a bounded batch per reactor turn,
-in messages and in bytes, so that a flood on it cannot starve the other
+in messages, bytes and time, so that a flood on it cannot starve the other
 sockets (a receive-only SUB, a ROUTER that answers each request as it reads
 it, an XPUB's subscription notices).
 ``XPubConnection`` is a PUB socket to its peers that reports their
@@ -10,6 +10,8 @@ subscriptions and refuses (``zmq.Again``) instead of dropping when full.
 """
 
 from __future__ import annotations
+
+import time
 
 import zmq
 from twisted.logger import Logger
@@ -22,9 +24,11 @@ log = Logger(observer=logs.publisher)
 
 class BatchedReadConnection(ZmqConnection):
     """
-    A socket read at most ``batch`` messages or ``batch_bytes`` bytes a
-    reactor turn; it sends only from ``messageReceived``, or schedules a read
-    after it sends (``XPubConnection.send_from``).
+    A socket read at most ``batch`` messages, ``batch_bytes`` bytes or
+    ``batch_seconds`` of handling them a reactor turn (messages that are
+    expensive to check, such as STIX patterns for the full parser, cannot
+    hold the reactor); it sends only from ``messageReceived``, or schedules a
+    read after it sends (``XPubConnection.send_from``).
 
     ``frame`` is the last frame of the message being handled: its
     properties (``frame.get("Peer-Address")``) say who sent it.
@@ -32,6 +36,9 @@ class BatchedReadConnection(ZmqConnection):
 
     batch = 500
     batch_bytes = 4 << 20
+    batch_seconds = 0.02
+    #: The clock of ``batch_seconds``.
+    now = staticmethod(time.monotonic)
     frame = None
 
     def doRead(self):
@@ -51,6 +58,7 @@ class BatchedReadConnection(ZmqConnection):
             self.read_scheduled = None
         recv = self.socket.recv
         size = 0
+        deadline = self.now() + self.batch_seconds
         for _ in range(self.batch):
             if self.factory is None:  # shut down meanwhile
                 return
@@ -73,7 +81,7 @@ class BatchedReadConnection(ZmqConnection):
                 self.messageReceived(message)
             except Exception:
                 log.failure("Handling a message on {connection!r} failed", connection=self)
-            if size >= self.batch_bytes:
+            if size >= self.batch_bytes or self.now() > deadline:
                 break
         if self.factory is not None:
             self.read_scheduled = self.factory.reactor.callLater(0, self.read)
