@@ -659,6 +659,18 @@ class ConsumeTests(SynchronousTestCase):
         self.assertEqual(h.events, [("deliver", "i-1"), ("ack", 1)])
         self.assertEqual(backbone_sample(h.metrics, "consumed"), 1)
 
+    def test_costly_messages_let_the_reactor_run(self):
+        """After batch_seconds of handling, consuming waits for the next reactor turn, and then goes on."""
+        ticks = iter(range(1000))
+        h = Harness(self)
+        self.patch(h.backbone, "now", lambda: next(ticks) * 0.015)  # each message "takes" 15 ms
+        fake = h.start_up()
+        for tag in range(1, 4):
+            fake.deliver("intel", tag, codec.encode(intel(f"i-{tag}")))
+        self.assertEqual([m.id for m in h.delivered], ["i-1", "i-2"])
+        h.clock.advance(0)
+        self.assertEqual([m.id for m in h.delivered], ["i-1", "i-2", "i-3"])
+
     def test_every_type_delivered(self):
         """Messages from each of the four queues are decoded and delivered."""
         h = Harness(self)
@@ -714,6 +726,7 @@ class ConsumeTests(SynchronousTestCase):
         """A flood of undecodable messages: every one counted, one log line per 10 s with a count."""
         events = capture_logs(self)
         h = Harness(self)
+        self.patch(h.backbone, "now", lambda: 0.0)  # all in one reactor turn
         fake = h.start_up()
         for tag in range(10_000):
             fake.deliver("intel", tag, b"{not json", f"m-{tag}")

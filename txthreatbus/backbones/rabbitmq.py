@@ -42,6 +42,7 @@ exponential backoff (up to ``reconnect_max_delay``) for as long as it runs.
 from __future__ import annotations
 
 import socket
+import time
 import uuid
 from collections import OrderedDict, deque
 from typing import Callable, Dict, List, Optional, Tuple
@@ -56,6 +57,7 @@ from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet import error as neterror
 from twisted.internet.defer import Deferred, ensureDeferred, succeed
+from twisted.internet.task import deferLater
 from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
@@ -284,6 +286,12 @@ class RabbitMQBackbone(Service):
     """
 
     name = "backbone"
+    #: Seconds of handling messages after which consuming lets the reactor
+    #: run: what pika hands over in one read (up to ``prefetch`` messages)
+    #: cannot hold it, however costly the messages are to check.
+    batch_seconds = 0.02
+    #: The clock of ``batch_seconds``.
+    now = staticmethod(time.monotonic)
 
     def __init__(
         self,
@@ -487,9 +495,15 @@ class RabbitMQBackbone(Service):
 
     async def _consume(self, session: _Session, kind: str, queue) -> None:
         topic = TOPICS[kind]
+        spent = 0.0
         while True:
             received = await queue.get()
+            started = self.now()
             self._received(session, topic, kind, received)
+            spent += self.now() - started
+            if spent > self.batch_seconds:
+                spent = 0.0
+                await deferLater(self._clock, 0, lambda: None)
 
     def _received(self, session: _Session, topic: str, kind: str, received) -> None:
         """Hand one message from the broker to the bus, then ack it."""
