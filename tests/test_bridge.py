@@ -392,6 +392,15 @@ class StixSightingToSightingTests(BridgeCase):
         back = [small.translate(stix_sighting(i)).intel for i in ids]
         self.assertEqual(back, [ids[0], "intel-2", "intel-3"])
 
+    def test_long_ids_not_remembered(self):
+        """An Intel id over MAX_REMEMBERED_ID characters is not remembered: its Sighting keeps the derived id."""
+        from txthreatbus.bridge import MAX_REMEMBERED_ID
+
+        for length, remembered in ((MAX_REMEMBERED_ID, True), (MAX_REMEMBERED_ID + 1, False)):
+            original = "i" * length
+            derived = self.bridge.translate(intel(id=original)).id
+            self.assertEqual(self.bridge.translate(stix_sighting(derived)).intel, original if remembered else derived)
+
     def test_memory_refreshed(self):
         """Deriving an id again makes it the newest: the one not seen since is forgotten instead."""
         small = Bridge(self.metrics, self.clock, memory=2)

@@ -86,6 +86,10 @@ _DOMAIN_IP = re.compile(
 
 #: Derived ids remembered, at most (the oldest are forgotten first).
 MEMORY = 100_000
+#: Characters of the longest Intel id remembered: longer ones (no real
+#: source makes them) would let a peer fill memory; their Sightings keep the
+#: derived id, unless they embed the Indicator. At most about 50 MB in all.
+MAX_REMEMBERED_ID = 256
 
 TO_STIX = "2020_to_2022"
 FROM_STIX = "2022_to_2020"
@@ -180,7 +184,7 @@ class Bridge:
         return self._origins.get(indicator_id, indicator_id)
 
     def _remember(self, derived: str, original: str) -> None:
-        if derived == original:
+        if derived == original or len(original) > MAX_REMEMBERED_ID:
             return
         origins = self._origins
         if derived in origins:
