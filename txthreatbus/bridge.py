@@ -172,7 +172,7 @@ class Bridge:
         except (TypeError, ValueError) as e:  # a value the other side cannot hold
             translated, reason = None, "invalid_value"
             self._throttle(
-                "invalid_value", log.debug, "Cannot translate {message!r}: {error}", message=message, error=str(e)
+                "invalid_value", log.debug, "Cannot translate a {kind}: {error}", kind=message.kind, error=str(e)
             )
         if translated is None:
             direction = FROM_STIX if isinstance(message, stix.StixObject) else TO_STIX
