@@ -5,6 +5,10 @@ back: this checkout and an earlier git revision, each installed into a venv
 of its own (under a TemporaryDirectory), their runs alternating (in ABBA
 order), and the median of each printed with the ratio new/old.
 
+Both run without the intel store: each gets ``store: false`` if it knows the
+store key (its ``txthreatbus check-config`` takes it), and no store key if it
+does not (a version before the store, which has none).
+
     python bench/compare.py REV [--runs 5] [--only "1 subscriber"]
 
 Both versions use ports 13370-13372 on 127.0.0.1: run nothing else there.
@@ -19,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 
-from run import CONFIG, HERE, WORKLOADS, run_e2e
+from run import CONFIG, HERE, WORKLOADS, knows_store, run_e2e, with_store
 
 REPO = os.path.dirname(HERE)
 
@@ -49,9 +53,6 @@ def main():
     args = ap.parse_args()
     e2e = os.path.join(HERE, "e2e.py")
     with tempfile.TemporaryDirectory() as tmp:
-        config = os.path.join(tmp, "config.yaml")
-        with open(config, "w") as f:
-            f.write(CONFIG)
         old_tree = os.path.join(tmp, "old-tree")
         os.mkdir(old_tree)
         export(args.rev, old_tree)
@@ -59,6 +60,14 @@ def main():
             "new": install(REPO, os.path.join(tmp, "new")),
             "old": install(old_tree, os.path.join(tmp, "old")),
         }
+        configs = {}
+        for version, twistd in versions.items():
+            store = knows_store(os.path.dirname(twistd))
+            configs[version] = os.path.join(tmp, version + ".yaml")
+            with open(configs[version], "w") as f:
+                f.write(with_store(CONFIG, False if store else None))
+            print(f"{version}: {'store: false' if store else 'no store key (a version before the store)'}",
+                  file=sys.stderr)
         print(f"{'workload':<18} {'figure':<17} {'old (' + args.rev[:10] + ')':>18} {'new':>12} {'new/old':>8}")
         for name, wargs, figure, _target, _better in WORKLOADS:
             if args.only and args.only not in name:
@@ -69,7 +78,7 @@ def main():
                 for version in ("new", "old") if run % 2 == 0 else ("old", "new"):
                     twistd = versions[version]
                     pidfile = os.path.join(tmp, version + ".pid")
-                    server = f"{twistd} --pidfile {pidfile} -n zmq-app --config {config}"
+                    server = f"{twistd} --pidfile {pidfile} -n zmq-app --config {configs[version]}"
                     result = run_e2e(e2e, wargs, server)
                     if result.get("loss"):
                         raise SystemExit(f"{version} lost {result['loss']} messages in {name}")

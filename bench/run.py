@@ -15,8 +15,18 @@ installed on first use into a venv of its own, by default under
 ~/.cache/txthreatbus-bench), and print both txthreatbus/yardstick and
 reference/yardstick. The reference is slow, so it gets fewer messages.
 
+Every row above measures txthreatbus with ``store: false`` (no intel store,
+as the figures before the store did), or without the key for a txthreatbus
+that does not know it. The store rows measure the store's own cost: the
+1-subscriber and p99 workloads against txthreatbus with the SQLite store (a
+new database in a temporary directory each run) and without, alternating,
+printed as on/off; and the snapshot row runs snapshot.py (beside this
+script): the time a snapshot of 100,000 live Intel items takes to reach its
+requester, and the bus's RSS growth while it answers.
+
     python bench/run.py [--limit-server PATH] [--e2e PATH] [--runs 3]
                         [--only NAME] [--skip-reference] [--reference-venv DIR]
+                        [--snapshot-runs N]
 
 All servers use ports 13370-13372 on 127.0.0.1: run nothing else there.
 """
@@ -43,6 +53,19 @@ WORKLOADS = [
     ("manage", "manage -n 2000", "rpc_per_s", 0.5, "higher"),
     ("p99 at 1000/s", "throughput -n 3000 --rate 1000 --rate-batch 10", "lat_p99_ms", 2.0, "lower"),
 ]
+
+# The store's cost (run with the SQLite store on and off): name, e2e.py
+# arguments, figure, target ratio on/off, better when
+STORE_WORKLOADS = [
+    ("store 1 subscriber", "throughput -n 20000 --subscribers 1", "deliveries_per_s", 0.8, "higher"),
+    ("store p99 at 1000/s", "throughput -n 3000 --rate 1000 --rate-batch 10", "lat_p99_ms", 1.5, "lower"),
+]
+#: The snapshot row: live Intel items, and targets for the seconds until all
+#: reached the requester and the bus's RSS growth meanwhile (MiB)
+SNAPSHOT_ROW = "store snapshot"
+SNAPSHOT_ITEMS = 100_000
+SNAPSHOT_TARGET_S = 10.0
+SNAPSHOT_TARGET_MIB = 50.0
 
 # The 2022 generation (STIX-2.1): name, e2e.py arguments, the reference's
 # e2e.py arguments (fewer messages: it delivers about 1% of the yardstick's
@@ -88,6 +111,36 @@ plugins:
     zmq-app: {host: 127.0.0.1, manage: 13370, pub: 13371, sub: 13372,
               max_subscriptions_per_peer: 10000}  # the memory row's 10,000 from one host
 """
+
+
+def with_store(config: str, store) -> str:
+    """``config`` with a top-level store key: None leaves it out (the bus's
+    default, and all a txthreatbus before the store accepts), False is
+    ``store: false``, a string the url of a store."""
+    if store is None:
+        return config
+    if store is False:
+        return "store: false\n" + config
+    return f"store:\n  url: {json.dumps(store)}\n" + config
+
+
+def knows_store(bindir: str) -> bool:
+    """Whether the txthreatbus installed in ``bindir`` knows the store key
+    (its ``check-config`` takes ``store: false``)."""
+    cli = os.path.join(bindir, "txthreatbus")
+    if not os.path.exists(cli):
+        return False
+    with tempfile.TemporaryDirectory(prefix="txthreatbus-check-") as tmp:
+        path = os.path.join(tmp, "config.yaml")
+        with open(path, "w") as f:
+            f.write(with_store(CONFIG, False))
+        out = subprocess.run([cli, "check-config", path], capture_output=True, text=True, timeout=120)
+    if out.returncode == 0:
+        return True
+    message = (out.stderr + out.stdout).strip()
+    if "store" not in message:  # e.g. a version without check-config
+        print(f"{cli} check-config: {message[-300:]}; taken as not knowing the store key", file=sys.stderr)
+    return False
 
 
 def run_e2e(e2e: str, args: str, server: str) -> dict:
@@ -179,13 +232,20 @@ def main():
                     help="STIX rows: do not run the reference, Threat Bus 2022.5.16")
     ap.add_argument("--reference-venv", default=default_reference_venv(),
                     help="the reference's venv, made on first use (default: %(default)s)")
+    ap.add_argument("--snapshot-runs", type=int,
+                    help="runs of the snapshot row (default: --runs)")
     args = ap.parse_args()
 
+    bindir = os.path.dirname(sys.executable)
+    store_known = knows_store(bindir)
+    if not store_known:
+        print("this txthreatbus does not know the store key: its config leaves it out, "
+              "and the store rows cannot run", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="txthreatbus-bench-") as scratch:
         config = os.path.join(scratch, "config.yaml")
         with open(config, "w") as f:
-            f.write(CONFIG)
-        twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+            f.write(with_store(CONFIG, False if store_known else None))
+        twistd = os.path.join(bindir, "twistd")
         ours = f"{twistd} --pidfile {os.path.join(scratch, 'twistd.pid')} -n zmq-app --config {config}"
         limit = f"{sys.executable} {args.limit_server}"
         ok = run(args, ours, limit)
@@ -200,6 +260,9 @@ def main():
                 threatbus = reference_threatbus(args.reference_venv)
                 reference = f"cd {shlex.quote(refdir)} && exec {shlex.quote(threatbus)} -c config.yaml"
             ok &= run_stix(args, ours, limit, reference)
+        if any(not args.only or args.only in name
+               for name in [w[0] for w in STORE_WORKLOADS] + [SNAPSHOT_ROW]):
+            ok &= run_store(args, twistd, ours, scratch, store_known)
     sys.exit(0 if ok else 1)
 
 
@@ -300,6 +363,97 @@ def run_stix(args, ours: str, limit: str, reference: str | None) -> bool:
             f"| {'-' if target is None else f'{sign} {target}'} | {num(loss_o, '{}')} "
             f"| {'' if reference is None else num(loss_r, '{}')} | {'yes' if met else 'NO'} |"
         )
+    return ok
+
+
+def store_server(twistd: str, scratch: str, run: int) -> tuple:
+    """A command running txthreatbus with the SQLite store in a new directory, and that directory."""
+    directory = os.path.join(scratch, f"store-{run}")
+    os.mkdir(directory)
+    config = os.path.join(directory, "config.yaml")
+    with open(config, "w") as f:
+        f.write(with_store(CONFIG, "sqlite:///" + os.path.join(directory, "intel.sqlite")))
+    # from its directory: nothing of the bus lands in the caller's
+    server = (f"cd {shlex.quote(directory)} && exec {shlex.quote(twistd)} "
+              f"--pidfile {shlex.quote(os.path.join(directory, 'twistd.pid'))} -n zmq-app "
+              f"--config {shlex.quote(config)}")
+    return server, directory
+
+
+def run_snapshot(snapshot: str, twistd: str) -> dict:
+    cmd = [sys.executable, snapshot, "-n", str(SNAPSHOT_ITEMS), "--twistd", twistd]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    lines = [l for l in out.stdout.splitlines() if l.startswith("{")]
+    if out.returncode != 0 or not lines:
+        raise SystemExit(f"snapshot.py failed ({' '.join(cmd)}):\n{out.stdout}\n{out.stderr}")
+    return json.loads(lines[-1])
+
+
+def run_store(args, twistd: str, off: str, scratch: str, store_known: bool) -> bool:
+    """Run the store rows: the workloads with the store on and ``off``,
+    alternating, and the snapshot; print their table; whether every target was met."""
+
+    import shutil
+
+    if not store_known:
+        print()
+        print("| store rows | not run: this txthreatbus does not know the store key | | | | | | NO |")
+        return False
+    rows = []
+    ok = True
+    runs = 0
+    for name, wargs, figure, target, better in STORE_WORKLOADS:
+        if args.only and args.only not in name:
+            continue
+        results = {"on": [], "off": []}
+        for i in range(args.runs):
+            # on first in even runs, off first in odd ones: neither always runs second
+            for who in ("on", "off") if i % 2 == 0 else ("off", "on"):
+                if who == "on":
+                    server, directory = store_server(twistd, scratch, runs)
+                    runs += 1
+                else:
+                    server, directory = off, None
+                r = run_e2e(args.e2e, wargs, server)
+                if directory is not None:
+                    shutil.rmtree(directory, ignore_errors=True)
+                results[who].append(r)
+                print(f"  {name:20} {who:5} {json.dumps(r)}", file=sys.stderr)
+        on_v = statistics.median(r[figure] for r in results["on"])
+        off_v = statistics.median(r[figure] for r in results["off"])
+        loss = max(r.get("loss", 0) for r in results["on"] + results["off"])
+        ratio = on_v / off_v if off_v else float("inf")
+        met = (ratio >= target if better == "higher" else ratio <= target) and loss == 0
+        ok &= met
+        sign = ">=" if better == "higher" else "<="
+        rows.append(f"| {name} | {figure} | {on_v:,.1f} | {off_v:,.1f} | {ratio:.2f} | {sign} {target} "
+                    f"| {loss} | {'yes' if met else 'NO'} |")
+
+    if not args.only or args.only in SNAPSHOT_ROW:
+        snapshot = os.path.join(HERE, "snapshot.py")
+        results = []
+        for _ in range(args.snapshot_runs or args.runs):
+            r = run_snapshot(snapshot, twistd)
+            results.append(r)
+            print(f"  {SNAPSHOT_ROW:20} {json.dumps(r)}", file=sys.stderr)
+        complete = all(r["complete"] for r in results)
+        missing = max(SNAPSHOT_ITEMS - r["received"] for r in results)
+        seconds = statistics.median(r["snapshot_s"] if r["complete"] else float("inf") for r in results)
+        growth = statistics.median(r["rss_growth_mib"] for r in results)
+        peak = max(r["rss_peak_growth_mib"] for r in results)
+        met_s = complete and seconds < SNAPSHOT_TARGET_S
+        met_m = growth < SNAPSHOT_TARGET_MIB
+        ok &= met_s and met_m
+        rows.append(f"| {SNAPSHOT_ROW} | s until {SNAPSHOT_ITEMS:,} live intel arrived | {seconds:,.2f} | | "
+                    f"| < {SNAPSHOT_TARGET_S:g} s | {missing} | {'yes' if met_s else 'NO'} |")
+        rows.append(f"| {SNAPSHOT_ROW} | bus RSS growth, MiB (peak {peak:,.1f}) | {growth:,.1f} | | "
+                    f"| < {SNAPSHOT_TARGET_MIB:g} MiB | | {'yes' if met_m else 'NO'} |")
+
+    print()
+    print("| workload | figure | store on | store off | on/off | target | loss | met |")
+    print("|---|---|---:|---:|---:|---:|---:|---|")
+    for row in rows:
+        print(row)
     return ok
 
 
