@@ -47,7 +47,7 @@ def start_bus(testcase, config: Config = None, **zmq_app):
     stop it at the end of the test. Returns its top service.
     """
     if config is None:
-        config = Config(apps={"zmq-app": ZmqAppConfig(**{"manage": 0, "pub": 0, "sub": 0, **zmq_app})})
+        config = Config(apps={"zmq-app": ZmqAppConfig(**{"manage": 0, "pub": 0, "sub": 0, **zmq_app})}, store=None)
     top = bus_service(config, reactor)
     top.startService()
     testcase.addCleanup(top.stopService)

@@ -330,7 +330,7 @@ class TwoPluginTests(TestCase):
     async def test_apps_on_both_plugins_meet(self):
         """A 2020 app on zmq-app and a 2022 app on zmq exchange intel."""
         ports = {"manage": 0, "pub": 0, "sub": 0}
-        top = start_bus(self, Config(apps={"zmq-app": ZmqAppConfig(**ports), "zmq": ZmqAppConfig(**ports)}))
+        top = start_bus(self, Config(apps={"zmq-app": ZmqAppConfig(**ports), "zmq": ZmqAppConfig(**ports)}, store=None))
         ctx = Context(self)
         old, new = App.on(ctx, top), App(manage=ctx.socket(zmq.REQ, f"tcp://127.0.0.1:{top.getServiceNamed('zmq').ports['manage']}"))
         await old.subscribe(ctx, "threatbus/intel")

@@ -289,7 +289,7 @@ class LifecycleTests(TestCase):
     async def test_start_stop_start(self):
         """The same ports can be bound again after a stop, in one process."""
         ports = {"manage": free_port(), "pub": free_port(), "sub": free_port()}
-        config = Config(apps={"zmq-app": ZmqAppConfig(**ports)})
+        config = Config(apps={"zmq-app": ZmqAppConfig(**ports)}, store=None)
         first = bus_service(config, reactor)
         first.startService()
         await first.stopService()

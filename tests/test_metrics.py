@@ -29,6 +29,7 @@ def metrics_bus(testcase):
     config = Config(
         apps={"zmq-app": ZmqAppConfig(manage=0, pub=0, sub=0)},
         metrics=MetricsConfig(host="127.0.0.1", port=0),
+        store=None,
     )
     return start_bus(testcase, config)
 

@@ -1249,7 +1249,7 @@ class BusBrokerTests(BrokerTestCase):
     async def start_two(self):
         zmq_app = ZmqAppConfig(manage=0, pub=0, sub=0)
         tops = [
-            start_bus(self, Config(backbone=self.config(name), apps={"zmq-app": zmq_app}))
+            start_bus(self, Config(backbone=self.config(name), apps={"zmq-app": zmq_app}, store=None))
             for name in ("one", "two")
         ]
         backbones = [top.getServiceNamed("backbone") for top in tops]

@@ -346,7 +346,7 @@ class SayWhereTests(SynchronousTestCase):
         from txthreatbus.tap import bus_service
 
         path = self.mktemp()
-        config = Config(logging=LoggingConfig(console=False, file=True, filename=path), apps={"zmq-app": ZmqAppConfig()})
+        config = Config(logging=LoggingConfig(console=False, file=True, filename=path), apps={"zmq-app": ZmqAppConfig()}, store=None)
         top = bus_service(config, Clock(), sockets=MemorySockets)
         top.privilegedStartService()
         top.startService()

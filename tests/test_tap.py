@@ -122,11 +122,11 @@ class ServiceTreeTests(SynchronousTestCase):
     def names(self, parent):
         return [s.name for s in parent]
 
-    def assertTree(self, top, metrics: bool):
+    def assertTree(self, top, metrics: bool, store: bool = True):
         self.assertIsInstance(top, MultiService)
         self.assertTrue(verifyObject(IService, top))
-        expected = ["logging", "backbone", "bus", "zmq-app"] + (["metrics"] if metrics else [])
-        self.assertEqual(self.names(top), expected)
+        expected = ["logging", "backbone", "bus"] + (["store"] if store else []) + ["zmq-app"]
+        self.assertEqual(self.names(top), expected + (["metrics"] if metrics else []))
         self.assertIsInstance(top.getServiceNamed("logging"), LoggingService)
         backbone = top.getServiceNamed("backbone")
         self.assertIsInstance(backbone, InMemoryBackbone)
@@ -143,7 +143,7 @@ class ServiceTreeTests(SynchronousTestCase):
         return bus
 
     def test_make_service_defaults(self):
-        """makeService with no options builds logging, backbone, bus and zmq-app, no metrics."""
+        """makeService with no options builds logging, backbone, bus, store and zmq-app, no metrics."""
         options = tap.Options()
         options.parseOptions([])
         self.assertTree(tap.makeService(options), metrics=False)
@@ -158,13 +158,13 @@ class ServiceTreeTests(SynchronousTestCase):
 
     def test_metrics_when_configured(self):
         """A metrics section adds a metrics service last."""
-        config = Config(metrics=MetricsConfig(port=0))
+        config = Config(metrics=MetricsConfig(port=0), store=None)
         top = tap.bus_service(config, reactor)
-        self.assertTree(top, metrics=True)
+        self.assertTree(top, metrics=True, store=False)
 
     def test_zmq_app_config(self):
         """The zmq-app service gets the zmq-app section."""
-        config = Config(apps={"zmq-app": ZmqAppConfig(manage=0, pub=0, sub=0, host="127.0.0.1")})
+        config = Config(apps={"zmq-app": ZmqAppConfig(manage=0, pub=0, sub=0, host="127.0.0.1")}, store=None)
         top = tap.bus_service(config, reactor)
         self.assertIs(top.getServiceNamed("zmq-app").config, config.zmq_app)
 
@@ -307,7 +307,7 @@ class TwistdBusTests(TestCase):
 
         gc.unfreeze()
         self.addCleanup(gc.unfreeze)
-        top = tap.bus_service(Config(apps={"zmq-app": ZmqAppConfig(manage=0, pub=0, sub=0)}), top=tap.TwistdBus())
+        top = tap.bus_service(Config(apps={"zmq-app": ZmqAppConfig(manage=0, pub=0, sub=0)}, store=None), top=tap.TwistdBus())
         top.startService()
         self.addCleanup(top.stopService)
         self.assertGreater(gc.get_freeze_count(), 0)

@@ -328,7 +328,7 @@ class StartupTests(TestCase):
         self.addCleanup(ctx.destroy, 0)
         squatter = ctx.socket(zmq.REP)
         port = squatter.bind_to_random_port("tcp://127.0.0.1")
-        top = bus_service(Config(apps={"zmq-app": ZmqAppConfig(manage=port, pub=0, sub=0)}))
+        top = bus_service(Config(apps={"zmq-app": ZmqAppConfig(manage=port, pub=0, sub=0)}, store=None))
         error = self.assertRaises(BindError, top.privilegedStartService)
         self.assertIn(f"manage endpoint tcp://127.0.0.1:{port}", str(error))
         self.assertIn("in use", str(error))

@@ -112,6 +112,7 @@ class Bus(Service):
     _consumers: Dict[str, Dict[Consumer, None]] = attrs.field(init=False, factory=dict)
     _apps: List[IApp] = attrs.field(init=False, factory=list)
     _snapshots: Dict[str, _PendingSnapshot] = attrs.field(init=False, factory=dict)
+    _watchers: List[Consumer] = attrs.field(init=False, factory=list)
     #: Apps ask for snapshots at will: their log lines are throttled.
     _throttle: logs.Throttle = attrs.field(init=False)
 
@@ -141,6 +142,19 @@ class Bus(Service):
             if not consumers:
                 del self._consumers[topic]
 
+    def watch(self, watcher: Consumer) -> None:
+        """
+        Show ``watcher`` every Intel, Sighting and STIX object this instance
+        routes, as it was published (never a translation), before anyone
+        gets it.
+        """
+        self._watchers.append(watcher)
+
+    def unwatch(self, watcher: Consumer) -> None:
+        """Stop showing ``watcher`` what is routed; harmless if it saw nothing."""
+        if watcher in self._watchers:
+            self._watchers.remove(watcher)
+
     def publish(self, message) -> None:
         """Publish ``message`` to every instance of the bus."""
         self.backbone.publish(message)
@@ -160,6 +174,11 @@ class Bus(Service):
             self.metrics.drop("unroutable")
 
     def _route(self, message) -> None:
+        for watcher in self._watchers:
+            try:
+                watcher(message)
+            except Exception:
+                log.failure("Watcher {watcher!r} failed", watcher=watcher)
         self._hand(message, _CHAINS[type(message)])
         counterparts = _COUNTERPARTS[type(message)]
         if not self._consumers.keys().isdisjoint(counterparts):
@@ -266,6 +285,10 @@ class Bus(Service):
         self.metrics.snapshots_pending.dec()
         self._throttle("over", log.info, "Snapshot {id} over: {n} items routed", id=snapshot_id, n=pending.routed)
         pending.finished.callback(pending.routed)
+
+    def snapshot_open(self, snapshot_id: str) -> bool:
+        """Whether the snapshot ``snapshot_id`` of this instance still takes answers."""
+        return snapshot_id in self._snapshots
 
     def pending_snapshots(self) -> int:
         """How many snapshots are waiting for answers."""

@@ -139,6 +139,21 @@ class ZmqAppConfig:
     curve: Optional[CurveConfig] = attrs.field(default=None, metadata={"section": CurveConfig})
 
 
+STORE_SCHEMES = ("sqlite", "postgresql", "postgres")
+store_url = _check(
+    lambda v: isinstance(v, str) and v.partition("://")[0].partition("+")[0] in STORE_SCHEMES and "://" in v,
+    "a database URL: sqlite:///PATH (relative to the working directory; sqlite:////PATH "
+    "absolute) or postgresql://USER@HOST/DATABASE",
+)
+
+
+@attrs.frozen
+class StoreConfig:
+    url: str = attrs.field(default="sqlite:///txthreatbus.sqlite", validator=store_url)
+    #: Days records are kept; 0 keeps them all.
+    retention_days: float = attrs.field(default=0, validator=non_negative_number)
+
+
 @attrs.frozen
 class MetricsConfig:
     host: str = attrs.field(default="127.0.0.1", validator=string)
@@ -160,6 +175,8 @@ class Config:
     #: The app plugins by config key, in the order of the file.
     apps: Mapping[str, ZmqAppConfig] = attrs.field(factory=lambda: {"zmq-app": ZmqAppConfig()})
     metrics: Optional[MetricsConfig] = None
+    #: None: no store (``store: false``), as Threat Bus has none.
+    store: Optional[StoreConfig] = attrs.field(factory=StoreConfig)
 
     @property
     def zmq_app(self) -> ZmqAppConfig:
@@ -246,7 +263,7 @@ def with_environment(document: dict, environ: Mapping[str, str]) -> dict:
 def from_mapping(document: dict) -> Config:
     """The configuration in a parsed YAML ``document``."""
     top = _mapping(document, "the top level")
-    _no_unknown(top, ("logging", "plugins", "metrics"), "")
+    _no_unknown(top, ("logging", "plugins", "metrics", "store"), "")
     plugins = _mapping(top.get("plugins"), "plugins")
     _no_unknown(plugins, ("backbones", "apps"), "plugins.")
     backbones = _mapping(plugins.get("backbones"), "plugins.backbones")
@@ -265,6 +282,7 @@ def from_mapping(document: dict) -> Config:
             for name, value in (apps.items() or [("zmq-app", {})])
         },
         metrics=None if metrics is None else _build(MetricsConfig, metrics, "metrics"),
+        store=_store(top.get("store", True)),
     )
     _distinct_ports(config)
     return config
@@ -288,6 +306,17 @@ def _distinct_ports(config: Config) -> None:
             same_host = host == other_host or host in WILDCARD_HOSTS or other_host in WILDCARD_HOSTS
             if port and port == other_port and same_host:
                 raise ConfigError(f"{key}: port {port} is {other}'s too; each endpoint needs its own")
+
+
+def _store(value) -> Optional[StoreConfig]:
+    """The store's section: false is no store; true or empty, the defaults."""
+    if value is False:
+        return None
+    if value is True:
+        value = None
+    if value is not None and not isinstance(value, dict):
+        raise ConfigError(f"store: must be a mapping, or false for no store, not {value!r}")
+    return _build(StoreConfig, value, "store")
 
 
 def _mapping(value, path: str) -> dict:

@@ -104,6 +104,20 @@ class Metrics:
             "(2020_to_2022, 2022_to_2020) and reason",
             ["direction", "reason"],
         )
+        self.store_records = gauge(
+            "txthreatbus_store_records", "Records the store holds, by kind (refreshed every 30 s)", ["kind"]
+        )
+        self.store_writes = counter("txthreatbus_store_writes", "Batches of records the store wrote")
+        self.store_write_seconds = counter(
+            "txthreatbus_store_write_seconds",
+            "Seconds the store's writes took, in all (divided by txthreatbus_store_writes_total: "
+            "the mean write latency)",
+        )
+        self.store_failures = counter(
+            "txthreatbus_store_failures",
+            "Store operations that failed, by operation (open, write, read, count, prune); each is retried",
+            ["operation"],
+        )
         self.subscriptions = gauge("txthreatbus_subscriptions", "Active app subscriptions")
         self.snapshots_pending = gauge(
             "txthreatbus_snapshots_pending", "Snapshots waiting for answers"

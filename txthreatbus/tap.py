@@ -126,6 +126,15 @@ def bus_service(config: configuration.Config, reactor=None, top=None, sockets=No
     bus.setName("bus")
     bus.setServiceParent(top)
     backbone.attach(bus.deliver)
+    if config.store is not None:
+        # SQLAlchemy loads only where there is a store
+        from txthreatbus.store import Database, StoreService
+
+        store = StoreService(
+            Database(config.store.url), bus, reactor, retention=config.store.retention_days * 86400
+        )
+        store.setServiceParent(top)
+        bus.add_app(store)
     for name, app_config in config.apps.items():
         app = ZmqAppService(app_config, bus, reactor, None if sockets is None else sockets())
         app.setName(name)
