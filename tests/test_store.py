@@ -1,0 +1,319 @@
+"""
+The intel store: its database (SQLite, and the PostgreSQL server on
+127.0.0.1:5432 where there is one), and the store as a service of a running
+bus: what it records, and what it answers to whom.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from datetime import timedelta
+
+import sqlalchemy as sa
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import SkipTest, TestCase
+
+from tests.support import App, Context, drain, publish_until_seen, settle, start_bus, wait_for
+from tests.test_zmq_app import INTEL, SIGHTING
+from txthreatbus import codec
+from txthreatbus.config import Config, StoreConfig, ZmqAppConfig
+from txthreatbus.metrics import Metrics
+from txthreatbus.model import Intel, MessageType, SnapshotRequest
+from txthreatbus.store import database as db
+from txthreatbus.store import service
+from txthreatbus.store.database import Database, Record, SchemaError
+
+POSTGRESQL = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+def intel(i, operation="ADD", **fields) -> dict:
+    return {**INTEL, "id": f"intel-{i}", "operation": operation, **fields}
+
+
+def postgresql_url(testcase) -> str:
+    """A PostgreSQL schema of this test's own (dropped at the end), or SkipTest."""
+    engine = sa.create_engine(db.engine_url(POSTGRESQL))
+    try:
+        with engine.connect():
+            pass
+    except sa.exc.OperationalError as e:
+        engine.dispose()
+        if os.environ.get("CI") == "true":
+            raise
+        raise SkipTest(f"no PostgreSQL on 127.0.0.1:5432 ({e.orig.__class__.__name__}); CI=true makes this fail")
+    schema = "t_" + uuid.uuid4().hex[:12]
+    with engine.begin() as connection:
+        connection.execute(sa.text(f"CREATE SCHEMA {schema}"))
+
+    def drop():
+        with engine.begin() as connection:
+            connection.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
+        engine.dispose()
+
+    testcase.addCleanup(drop)
+    return f"{POSTGRESQL}?options=-csearch_path%3D{schema}"
+
+
+class DatabaseTestsMixin:
+    """The database layer, on a fresh database."""
+
+    def open(self) -> Database:
+        database = Database(self.url())
+        database.open()
+        self.addCleanup(database.close)
+        return database
+
+    def test_live_set(self):
+        """The live set holds each id's latest record, without ids whose latest is a REMOVE."""
+        d = self.open()
+        now = time.time()
+        d.record([Record("intel", now, b"a1", "i1"), Record("intel", now + 1, b"a2", "i2")])
+        d.record([Record("intel", now + 2, b"r1", "i1", removes=True), Record("indicator", now + 3, b"x", "i1")])
+        self.assertEqual([(k, b) for _, k, b in d.live_intel(now - 10, None, 10)], [("intel", b"a2"), ("indicator", b"x")])
+        d.record([Record("intel", now + 4, b"a1 again", "i1")])
+        self.assertEqual([b for _, _, b in d.live_intel(now - 10, None, 10)], [b"a2", b"x", b"a1 again"])
+
+    def test_window(self):
+        """Only what was received at the window's start or later is read."""
+        d = self.open()
+        now = time.time()
+        d.record([Record("intel", now - 172800, b"old", "i1"), Record("intel", now, b"new", "i2")])
+        d.record([Record("sighting", now - 172800, b"old s"), Record("sighting", now, b"new s")])
+        self.assertEqual([b for _, _, b in d.live_intel(now - 86400, None, 10)], [b"new"])
+        self.assertEqual([b for _, _, b in d.sightings_since(now - 86400, None, 10)], [b"new s"])
+
+    def test_pages_in_receipt_order(self):
+        """Pages after the last key give every row once, in receipt order."""
+        d = self.open()
+        now = time.time()
+        d.record([Record("intel", now + i, f"{i}".encode(), f"i{4 - i}") for i in range(5)])
+        d.record([Record("sighting", now + i, f"s{i}".encode()) for i in range(5)])
+        for read in (d.live_intel, d.sightings_since):
+            got, after = [], None
+            while True:
+                page = read(now - 1, after, 2)
+                got += [b for _, _, b in page]
+                if len(page) < 2:
+                    break
+                after = page[-1][0]
+            self.assertEqual(got, [f"{i}".encode() if read == d.live_intel else f"s{i}".encode() for i in range(5)])
+
+    def test_sighting_once(self):
+        """A Sighting recorded twice (as instances sharing the database do) is one row."""
+        d = self.open()
+        now = time.time()
+        d.record([Record("sighting", now, b"s"), Record("sighting", now + 1, b"s")])
+        d.record([Record("sighting", now + 2, b"s"), Record("stix_sighting", now + 2, b"s")])
+        self.assertEqual(d.counts(), {"sighting": 1, "stix_sighting": 1})
+
+    def test_prune(self):
+        """prune deletes what was received before the cut, of both tables."""
+        d = self.open()
+        now = time.time()
+        d.record([Record("intel", now - 10, b"a", "i1"), Record("intel", now, b"b", "i2"), Record("sighting", now - 10, b"s")])
+        self.assertEqual(d.prune(now - 5), 2)
+        self.assertEqual(d.counts(), {"intel": 1})
+
+    def test_schema_versioned(self):
+        """Opening creates the current schema version; opening again keeps the data; a newer schema is refused."""
+        d = self.open()
+        d.record([Record("intel", time.time(), b"a", "i1")])
+        self.assertEqual(d.migrate(), db.SCHEMA_VERSION)
+        again = self.open()
+        self.assertEqual(again.counts(), {"intel": 1})
+        with again._engine.begin() as connection:
+            connection.execute(db.schema_version.update().values(version=db.SCHEMA_VERSION + 1))
+        error = self.assertRaises(SchemaError, self.open)
+        self.assertIn("newer than this txthreatbus knows", str(error))
+
+
+class SQLiteDatabaseTests(DatabaseTestsMixin, TestCase):
+    def url(self) -> str:
+        if not hasattr(self, "_path"):
+            self._path = os.path.abspath(self.mktemp())
+        return f"sqlite:///{self._path}"
+
+
+class PostgreSQLDatabaseTests(DatabaseTestsMixin, TestCase):
+    def url(self) -> str:
+        if not hasattr(self, "_url"):
+            self._url = postgresql_url(self)
+        return self._url
+
+
+def store_bus(testcase, url: str = None):
+    """A running bus on ephemeral ports with a store on SQLite (or ``url``)."""
+    if url is None:
+        url = f"sqlite:///{os.path.abspath(testcase.mktemp())}"
+    config = Config(apps={"zmq-app": ZmqAppConfig(manage=0, pub=0, sub=0)}, store=StoreConfig(url=url))
+    return start_bus(testcase, config)
+
+
+async def counts(top) -> dict:
+    store = top.getServiceNamed("store")
+    return await store._in_thread(store.database.counts)
+
+
+async def recorded(top, expected: dict) -> None:
+    """Wait until the store holds ``expected`` records by kind."""
+    got = {}
+    end = time.monotonic() + 10
+
+    while got != expected:
+        if time.monotonic() > end:
+            raise AssertionError(f"the store holds {got}, not {expected}")
+        got = await counts(top)
+        await deferLater(reactor, 0.05, lambda: None)
+
+
+class StoreServiceTests(TestCase):
+    """A bus with its store: what it records, and what it answers."""
+
+    async def apps(self, top, *topics):
+        ctx = Context(self)
+        result = []
+        for topic in topics:
+            app = App.on(ctx, top)
+            await app.subscribe(ctx, topic)
+            await app.wait_connected(top)
+            result.append(app)
+        return ctx, result
+
+    async def test_records_originals_of_both_generations(self):
+        """Intel, Sightings and STIX objects are recorded as published, never their translations."""
+        top = store_bus(self)
+        ctx, (old, new) = await self.apps(top, "threatbus", "stix2")
+        indicator = {
+            "type": "indicator",
+            "spec_version": "2.1",
+            "id": "indicator--6911104f-c504-4086-a15b-05e28cf73435",
+            "pattern": "[ipv4-addr:value = '203.0.113.1']",
+            "pattern_type": "stix",
+        }
+        await publish_until_seen(old, "threatbus/intel", intel("probe"), [new])
+        await publish_until_seen(new, "stix2/indicator", indicator, [old])
+        old.publish("threatbus/sighting", SIGHTING)
+        await recorded(top, {"intel": 1, "indicator": 1, "sighting": 1})
+        await settle(0.3)
+        self.assertEqual(await counts(top), {"intel": 1, "indicator": 1, "sighting": 1})
+
+    async def test_snapshot_from_store(self):
+        """A snapshot gets the live set and the sightings, to the requester only, in its generation."""
+        top = store_bus(self)
+        ctx, (publisher, bystander) = await self.apps(top, "threatbus/sighting", "threatbus")
+        await publish_until_seen(publisher, "threatbus/intel", intel(2), [bystander])
+        for message in (intel(1), intel(2, ts="2000-01-01 00:00:00"), intel(1, "REMOVE")):
+            publisher.publish("threatbus/intel", message)
+        publisher.publish("threatbus/sighting", SIGHTING)
+        await recorded(top, {"intel": 2, "sighting": 1})
+        drain(bystander.sub)
+
+        requester = App.on(ctx, top)
+        await requester.subscribe(ctx, "threatbus", snapshot=1)
+        got = await requester.receive(2)
+        # intel-2 as last published (its old ts does not matter: the window is by receipt)
+        self.assertEqual(got, [("intel", intel(2, ts="2000-01-01 00:00:00")), ("sighting", SIGHTING)])
+        stix_requester = App.on(ctx, top)
+        await stix_requester.subscribe(ctx, "stix2/indicator", snapshot=1)
+        ((suffix, indicator),) = await stix_requester.receive(1)
+        self.assertEqual((suffix, indicator["x_threatbus_intel_id"]), ("indicator", "intel-2"))
+        await settle(0.2)
+        # nothing more, but the requests of the later requester
+        for app in (bystander, requester, stix_requester):
+            self.assertEqual([f for f in drain(app.sub) if b"snapshotrequest" not in f], [])
+
+    async def test_failing_database_retried(self):
+        """A database that fails is counted and retried; routing goes on, and nothing is lost."""
+        top = store_bus(self)
+        store = top.getServiceNamed("store")
+        self.patch(service, "FIRST_RETRY_DELAY", 0.05)
+        real, failures = store.database.record, []
+
+        def failing(records):
+            if len(failures) < 2:
+                failures.append(len(records))
+                raise sa.exc.OperationalError("INSERT", {}, Exception("disk full"))
+            return real(records)
+
+        store.database.record = failing
+        ctx, (publisher, receiver) = await self.apps(top, "threatbus/sighting", "threatbus/intel")
+        await publish_until_seen(publisher, "threatbus/intel", intel(1), [receiver])
+        publisher.publish("threatbus/intel", intel(2))
+        self.assertEqual([body["id"] for _, body in await receiver.receive(1)], ["intel-2"])
+        await recorded(top, {"intel": 2})
+        metrics = top.getServiceNamed("bus").metrics
+        self.assertEqual(
+            metrics.registry.get_sample_value("txthreatbus_store_failures_total", {"operation": "write"}), 2
+        )
+        self.assertGreaterEqual(metrics.registry.get_sample_value("txthreatbus_store_writes_total"), 1)
+
+
+class FakeBus:
+    """What the store needs of a bus to answer: snapshot_open and deliver."""
+
+    def __init__(self, metrics):
+        self.metrics = metrics
+        self.open = True
+        self.delivered = []
+
+    def snapshot_open(self, snapshot_id):
+        return self.open
+
+    def deliver(self, envelope):
+        self.delivered.append(envelope.body.id)
+
+
+class PagedDatabase:
+    """Pages of Intel, read as the store reads them."""
+
+    def __init__(self, n):
+        self.items = [codec.encode(codec.structure(Intel, intel(i))) for i in range(n)]
+        self.reads = 0
+
+    def live_intel(self, since, after, limit):
+        self.reads += 1
+        start = 0 if after is None else after[0] + 1
+        return [((i,), "intel", self.items[i]) for i in range(start, min(start + limit, len(self.items)))]
+
+
+class PacingTests(TestCase):
+    """The store reads the next page only once the requester has taken most of the last."""
+
+    async def test_paced_by_requester(self):
+        """While the requester holds more than PACE_BYTES unsent, no further page is read; then the rest comes."""
+        self.patch(service, "PAGE", 3)
+        bus = FakeBus(Metrics())
+        database = PagedDatabase(7)
+        store = service.StoreService(database, bus, reactor)
+        store._pool.start()
+        self.addCleanup(store._pool.stop)
+        store._opened = Deferred()
+        store._opened.callback(None)
+        store.running = True
+
+        class Requester:
+            pending_bytes = service.PACE_BYTES + 1
+
+        requester = Requester()
+        request = SnapshotRequest(MessageType.INTEL, "s-1", timedelta(days=1))
+        store.snapshot(request, requester)
+        await wait_for(lambda: len(bus.delivered) == 3, what="the first page")
+        await settle(0.1)
+        self.assertEqual((len(bus.delivered), database.reads), (3, 1))
+        requester.pending_bytes = 0
+        await wait_for(lambda: len(bus.delivered) == 7, what="the rest")
+        self.assertEqual(bus.delivered, [f"intel-{i}" for i in range(7)])
+
+    async def test_not_for_other_instances(self):
+        """A request of another instance's app (no requester here) is left to that instance's store."""
+        bus = FakeBus(Metrics())
+        database = PagedDatabase(2)
+        store = service.StoreService(database, bus, reactor)
+        store.running = True
+        store.snapshot(SnapshotRequest(MessageType.INTEL, "s-1", timedelta(days=1)), None)
+        await settle(0.05)
+        self.assertEqual((bus.delivered, database.reads), ([], 0))
