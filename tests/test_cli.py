@@ -383,6 +383,7 @@ class CommandTests(TestCase):
         self.assertTrue(out.startswith(f"config OK: {good}\n"))
         self.assertIn("manage 14000, pub 13371, sub 13372", out)
         self.assertIn("http://127.0.0.1:9200/metrics", out)
+        self.assertIn("  store:    sqlite:///txthreatbus.sqlite, keeping everything\n", out)
         both = self.write("plugins:\n  apps:\n    zmq: {manage: 14000, pub: 14001, sub: 14002}\n    zmq-app: {}\n")
         code, out, err = await run(self, "check-config", both)
         self.assertEqual(code, 0, err)

@@ -19,6 +19,7 @@ from txthreatbus.config import (
     LoggingConfig,
     MetricsConfig,
     RabbitMQConfig,
+    StoreConfig,
     ZmqAppConfig,
 )
 
@@ -408,6 +409,39 @@ class StixGenerationConfigTests(ConfigTestCase):
         top = bus_service(c, Clock(), sockets=MemorySockets)
         for name in ("zmq", "zmq-app"):
             self.assertIs(top.getServiceNamed(name).config, c.apps[name])
+
+
+class StoreConfigTests(ConfigTestCase):
+    """The store: on by default, off with store: false, its URL checked."""
+
+    def test_default_on(self):
+        """With no store key, the store is SQLite in the working directory, keeping everything."""
+        self.assertEqual(config.parse("").store, StoreConfig(url="sqlite:///txthreatbus.sqlite", retention_days=0))
+        self.assertEqual(config.parse("store:\n").store, StoreConfig())
+        self.assertEqual(config.parse("store: true\n").store, StoreConfig())
+
+    def test_off(self):
+        """store: false is no store, as Threat Bus has none."""
+        self.assertIsNone(config.parse("store: false\n").store)
+
+    def test_postgresql_and_retention(self):
+        """A PostgreSQL URL and retention_days are read; the environment sets them too."""
+        c = config.parse("store: {url: 'postgresql://bus@db/intel', retention_days: 30}\n")
+        self.assertEqual(c.store, StoreConfig(url="postgresql://bus@db/intel", retention_days=30))
+        c = config.load(None, {"THREATBUS_STORE__URL": "sqlite:////var/lib/txthreatbus/intel.sqlite"})
+        self.assertEqual(c.store.url, "sqlite:////var/lib/txthreatbus/intel.sqlite")
+
+    def test_errors(self):
+        """Another database, a bad retention or a store that is no mapping is refused, naming the key."""
+        self.assertConfigError("store: {url: 'mysql://db/x'}", "store.url: must be a database URL")
+        self.assertConfigError("store: {retention_days: -1}", "store.retention_days")
+        self.assertConfigError("store: [1]", "store: must be a mapping, or false for no store")
+        self.assertConfigError("store: {path: x}", "store.path: unknown key")
+
+    def test_safe_url(self):
+        """A URL's password never reaches a log line or check-config."""
+        self.assertEqual(config.safe_url("postgresql://bus:secret@db/intel"), "postgresql://bus:***@db/intel")
+        self.assertEqual(config.safe_url("sqlite:///x.sqlite"), "sqlite:///x.sqlite")
 
 
 class EnvironmentTests(ConfigTestCase):

@@ -748,7 +748,16 @@ def summarize(config: configuration.Config) -> List[str]:
             + ("" if app.curve is None else ", CURVE encryption"),
             f"            subscriptions expire {expiry}; snapshots time out after {app.snapshot_timeout:g} s",
         ]
-    return lines + [f"  metrics:  {metrics}", f"  logging:  console {console}, file {log_file}"]
+    if config.store is None:
+        store = "off (snapshots are answered by apps only)"
+    else:
+        kept = f"{config.store.retention_days:g} days" if config.store.retention_days else "everything"
+        store = f"{configuration.safe_url(config.store.url)}, keeping {kept}"
+    return lines + [
+        f"  store:    {store}",
+        f"  metrics:  {metrics}",
+        f"  logging:  console {console}, file {log_file}",
+    ]
 
 
 async def check_config_command(reactor, args) -> int:

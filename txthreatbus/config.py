@@ -147,6 +147,15 @@ store_url = _check(
 )
 
 
+def safe_url(url: str) -> str:
+    """A database ``url`` fit for logs: without its password."""
+    scheme, sep, rest = url.partition("://")
+    credentials, at, host = rest.rpartition("@")
+    if not at or ":" not in credentials:
+        return url
+    return f"{scheme}{sep}{credentials.split(':', 1)[0]}:***@{host}"
+
+
 @attrs.frozen
 class StoreConfig:
     url: str = attrs.field(default="sqlite:///txthreatbus.sqlite", validator=store_url)

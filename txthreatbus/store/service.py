@@ -32,6 +32,7 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from txthreatbus import codec, logs, stix
+from txthreatbus.config import safe_url
 from txthreatbus.interfaces import IApp
 from txthreatbus.model import Intel, MessageType, Operation, Sighting, SnapshotEnvelope
 from txthreatbus.store.database import Database, Record
@@ -108,7 +109,7 @@ class StoreService(Service):
         self._opened.addCallbacks(self._started, self._failed_to_open)
 
     def _started(self, _):
-        log.info("Store open: {url}", url=_safe_url(self.database.url))
+        log.info("Store open: {url}", url=safe_url(self.database.url))
         for interval, work in ((COUNT_INTERVAL, self._count), (PRUNE_INTERVAL, self._prune)):
             loop = LoopingCall(work)
             loop.clock = self._clock
@@ -118,7 +119,7 @@ class StoreService(Service):
 
     def _failed_to_open(self, failure):
         self._metrics.store_failures.labels("open").inc()
-        log.failure("The store cannot open {url}; retrying", failure, url=_safe_url(self.database.url))
+        log.failure("The store cannot open {url}; retrying", failure, url=safe_url(self.database.url))
         self._opened = deferLater(self._clock, MAX_RETRY_DELAY, lambda: None)
         self._opened.addCallback(lambda _: self._in_thread(self.database.open))
         self._opened.addCallbacks(self._started, self._failed_to_open)
@@ -291,12 +292,3 @@ class StoreService(Service):
             id=request.snapshot_id,
             error=failure.getErrorMessage(),
         )
-
-
-def _safe_url(url: str) -> str:
-    """``url`` without a password."""
-    scheme, sep, rest = url.partition("://")
-    credentials, at, host = rest.rpartition("@")
-    if not at or ":" not in credentials:
-        return url
-    return f"{scheme}{sep}{credentials.split(':', 1)[0]}:***@{host}"
