@@ -19,6 +19,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import attrs
 import sqlalchemy as sa
 
+#: Seconds a connection to PostgreSQL may take.
+CONNECT_TIMEOUT = 10
+
 #: The schema version this code reads and writes.
 SCHEMA_VERSION = 1
 
@@ -100,7 +103,10 @@ class Database:
 
     def open(self) -> None:
         """Connect, and create or migrate the schema."""
-        engine = sa.create_engine(engine_url(self.url), future=True)
+        url = engine_url(self.url)
+        # a server that does not answer is a failure to retry, not a hang
+        connect_args = {"connect_timeout": CONNECT_TIMEOUT} if url.startswith("postgresql") else {}
+        engine = sa.create_engine(url, connect_args=connect_args)
         if engine.dialect.name == "sqlite":
             sa.event.listen(engine, "connect", _sqlite_pragmas)
         self._engine = engine
