@@ -13,6 +13,7 @@ which all record what they route, record it once.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -21,6 +22,10 @@ import sqlalchemy as sa
 
 #: Seconds a connection to PostgreSQL may take.
 CONNECT_TIMEOUT = 10
+
+#: Rows written by one SQLite statement at most (5 values each; it takes
+#: 32,766 parameters a statement).
+ROWS_PER_STATEMENT = 500
 
 #: The schema version this code reads and writes.
 SCHEMA_VERSION = 1
@@ -110,16 +115,21 @@ class Database:
         if engine.dialect.name == "sqlite":
             sa.event.listen(engine, "connect", _sqlite_pragmas)
         self._engine = engine
+        # Plain SQL: SQLAlchemy's statement building would cost as much again
+        # as the database's own work a row. For SQLite, many rows a
+        # statement: its executemany takes the interpreter lock back after
+        # every row, from the reactor's thread.
         p = "?" if engine.dialect.paramstyle == "qmark" else "%s"
-        # (the same ON CONFLICT clauses in SQLite and PostgreSQL)
-        self._upsert_intel = (
-            f"INSERT INTO {intel.name} (kind, item_id, received, removes, body) VALUES ({p}, {p}, {p}, {p}, {p}) "
-            "ON CONFLICT (kind, item_id) DO UPDATE SET "
-            "received = excluded.received, removes = excluded.removes, body = excluded.body"
+        self._upsert_intel = _statements(
+            f"INSERT INTO {intel.name} (kind, item_id, received, removes, body) VALUES ",
+            f"({p}, {p}, {p}, {p}, {p})",
+            " ON CONFLICT (kind, item_id) DO UPDATE SET "
+            "received = excluded.received, removes = excluded.removes, body = excluded.body",
         )
-        self._insert_sighting = (
-            f"INSERT INTO {sightings.name} (kind, received, digest, body) VALUES ({p}, {p}, {p}, {p}) "
-            "ON CONFLICT (digest) DO NOTHING"
+        self._insert_sighting = _statements(
+            f"INSERT INTO {sightings.name} (kind, received, digest, body) VALUES ",
+            f"({p}, {p}, {p}, {p})",
+            " ON CONFLICT (digest) DO NOTHING",
         )
         self.migrate()
 
@@ -156,9 +166,6 @@ class Database:
 
     def record(self, records: Sequence[Record]) -> None:
         """Write ``records``, in order, in one transaction."""
-        # Plain SQL to the driver's executemany: SQLAlchemy's statement
-        # building would cost twice the database's own work a row, in a
-        # thread that shares the interpreter with the reactor.
         intel_rows, sighting_rows = {}, []
         for r in records:
             if r.item_id is None:
@@ -168,10 +175,15 @@ class Database:
                 # one id twice in a batch: the later record wins, as row by row
                 intel_rows[r.kind, r.item_id] = (r.kind, r.item_id, r.received, r.removes, r.body)
         with self._engine.begin() as connection:
-            if intel_rows:
-                connection.exec_driver_sql(self._upsert_intel, list(intel_rows.values()))
-            if sighting_rows:
-                connection.exec_driver_sql(self._insert_sighting, sighting_rows)
+            for statement, rows in ((self._upsert_intel, list(intel_rows.values())), (self._insert_sighting, sighting_rows)):
+                if not rows:
+                    continue
+                if self.dialect != "sqlite":  # psycopg pipelines an executemany
+                    connection.exec_driver_sql(statement(1), rows)
+                    continue
+                for start in range(0, len(rows), ROWS_PER_STATEMENT):
+                    chunk = rows[start : start + ROWS_PER_STATEMENT]
+                    connection.exec_driver_sql(statement(len(chunk)), tuple(v for row in chunk for v in row))
 
     def prune(self, before: float) -> int:
         """Delete what was received before ``before``; how many rows."""
@@ -221,6 +233,16 @@ class Database:
                 query = sa.select(table.c.kind, sa.func.count()).group_by(table.c.kind)
                 result.update({kind: n for kind, n in connection.execute(query)})
         return result
+
+
+def _statements(head: str, row: str, tail: str):
+    """The SQL of ``n`` rows, made once for each ``n`` (the same ON CONFLICT clauses in SQLite and PostgreSQL)."""
+
+    @functools.lru_cache(maxsize=8)
+    def sql(n: int) -> str:
+        return head + ", ".join([row] * n) + tail
+
+    return sql
 
 
 def _sqlite_pragmas(connection, record) -> None:
