@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+from itertools import chain
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import attrs
@@ -183,7 +184,7 @@ class Database:
                     continue
                 for start in range(0, len(rows), ROWS_PER_STATEMENT):
                     chunk = rows[start : start + ROWS_PER_STATEMENT]
-                    connection.exec_driver_sql(statement(len(chunk)), tuple(v for row in chunk for v in row))
+                    connection.exec_driver_sql(statement(len(chunk)), tuple(chain.from_iterable(chunk)))
 
     def prune(self, before: float) -> int:
         """Delete what was received before ``before``; how many rows."""
