@@ -166,7 +166,10 @@ async def recorded(top, expected: dict) -> None:
     while got != expected:
         if time.monotonic() > end:
             raise AssertionError(f"the store holds {got}, not {expected}")
-        got = await counts(top)
+        try:
+            got = await counts(top)
+        except sa.exc.SQLAlchemyError as e:  # not open yet
+            got = e
         await deferLater(reactor, 0.05, lambda: None)
 
 
@@ -226,30 +229,36 @@ class StoreServiceTests(TestCase):
         for app in (bystander, requester, stix_requester):
             self.assertEqual([f for f in drain(app.sub) if b"snapshotrequest" not in f], [])
 
-    async def test_failing_database_retried(self):
-        """A database that fails is counted and retried; routing goes on, and nothing is lost."""
-        top = store_bus(self)
-        store = top.getServiceNamed("store")
-        self.patch(service, "FIRST_RETRY_DELAY", 0.05)
-        real, failures = store.database.record, []
-
-        def failing(records):
-            if len(failures) < 2:
-                failures.append(len(records))
-                raise sa.exc.OperationalError("INSERT", {}, Exception("disk full"))
-            return real(records)
-
-        store.database.record = failing
+    async def test_database_unavailable_at_start(self):
+        """A database that cannot be opened is counted and retried; routing goes on, and nothing is lost."""
+        self.patch(service, "MAX_RETRY_DELAY", 0.1)
+        directory = os.path.abspath(self.mktemp())  # not there yet: SQLite cannot create the file
+        top = store_bus(self, f"sqlite:///{directory}/intel.sqlite")
         ctx, (publisher, receiver) = await self.apps(top, "threatbus/sighting", "threatbus/intel")
         await publish_until_seen(publisher, "threatbus/intel", intel(1), [receiver])
         publisher.publish("threatbus/intel", intel(2))
         self.assertEqual([body["id"] for _, body in await receiver.receive(1)], ["intel-2"])
-        await recorded(top, {"intel": 2})
         metrics = top.getServiceNamed("bus").metrics
-        self.assertEqual(
-            metrics.registry.get_sample_value("txthreatbus_store_failures_total", {"operation": "write"}), 2
-        )
-        self.assertGreaterEqual(metrics.registry.get_sample_value("txthreatbus_store_writes_total"), 1)
+        failures = lambda: metrics.registry.get_sample_value("txthreatbus_store_failures_total", {"operation": "open"})
+        await wait_for(lambda: (failures() or 0) >= 2, what="failed opens, retried")
+        os.makedirs(directory)
+        await recorded(top, {"intel": 2})
+
+    async def test_writer_dies(self):
+        """A writer process that dies is started anew; what it was sent is written again, nothing lost."""
+        top = store_bus(self)
+        store = top.getServiceNamed("store")
+        ctx, (publisher, receiver) = await self.apps(top, "threatbus/sighting", "threatbus/intel")
+        await publish_until_seen(publisher, "threatbus/intel", intel(1), [receiver])
+        await recorded(top, {"intel": 1})
+        first = store._writer
+        first.transport.signalProcess("KILL")
+        await first.ended
+        for i in range(2, 50):
+            publisher.publish("threatbus/intel", intel(i))
+        await recorded(top, {"intel": 49})
+        self.assertIsNot(store._writer, first)
+        self.assertGreaterEqual(top.getServiceNamed("bus").metrics.registry.get_sample_value("txthreatbus_store_writes_total"), 2)
 
 
 class FakeBus:

@@ -109,6 +109,7 @@ class Database:
 
     def open(self) -> None:
         """Connect, and create or migrate the schema."""
+        self.close()  # a failed open's engine, if any
         url = engine_url(self.url)
         # a server that does not answer is a failure to retry, not a hang
         connect_args = {"connect_timeout": CONNECT_TIMEOUT} if url.startswith("postgresql") else {}

@@ -5,10 +5,12 @@ recorded.
 
 Recording never holds up routing: records wait in a queue on the reactor
 and go to the database in batches (every ``FLUSH_INTERVAL`` seconds or
-``FLUSH_RECORDS`` records), in the store's own thread. A database that
-fails (disk full, server down) is logged, counted and retried with backoff;
-meanwhile the queue holds up to ``MAX_QUEUED_BYTES``, then drops its oldest,
-counted.
+``FLUSH_RECORDS`` records), written by a process of the store's own (see
+``writer``); reading (snapshots, counts, pruning) is done in a thread. A
+database that fails (disk full, server down), or a writer that dies, is
+logged, counted and retried with backoff, the writer started anew;
+meanwhile the queue holds up to ``MAX_QUEUED_BYTES``, then drops its
+oldest, counted.
 
 Answering is the store's part of a snapshot: for a requester of this
 instance (another instance's store answers its own), the live intel or the
@@ -20,6 +22,8 @@ flat however large the answer).
 
 from __future__ import annotations
 
+import os
+import sys
 from collections import deque
 from datetime import timedelta
 
@@ -36,6 +40,7 @@ from txthreatbus.config import safe_url
 from txthreatbus.interfaces import IApp
 from txthreatbus.model import Intel, MessageType, Operation, Sighting, SnapshotEnvelope
 from txthreatbus.store.database import Database, Record
+from txthreatbus.store.writer import WriterProcess
 
 log = Logger(observer=logs.publisher)
 
@@ -55,6 +60,8 @@ PAGE = 500
 PACE_BYTES = 1 << 20
 #: Seconds between looks at a requester that holds too much.
 PACE_INTERVAL = 0.01
+#: Seconds the writer may take to write what it holds when the bus stops.
+STOP_TIMEOUT = 10.0
 #: Seconds between refreshes of the record counts, and between prunes.
 COUNT_INTERVAL = 30.0
 PRUNE_INTERVAL = 3600.0
@@ -98,6 +105,8 @@ class StoreService(Service):
         self._retry_delay = 0.0
         self._loops = []
         self._opened: Deferred = None
+        self._writer: WriterProcess = None
+        self._retry_open = None
 
     # --- lifecycle
 
@@ -105,10 +114,11 @@ class StoreService(Service):
         super().startService()
         self._pool.start()
         self._bus.watch(self._record)
-        self._opened = self._in_thread(self.database.open)
-        self._opened.addCallbacks(self._started, self._failed_to_open)
+        self._open()
 
     def _started(self, _):
+        if not self.running:
+            return
         log.info("Store open: {url}", url=safe_url(self.database.url))
         for interval, work in ((COUNT_INTERVAL, self._count), (PRUNE_INTERVAL, self._prune)):
             loop = LoopingCall(work)
@@ -119,12 +129,25 @@ class StoreService(Service):
 
     def _failed_to_open(self, failure):
         self._metrics.store_failures.labels("open").inc()
-        log.failure("The store cannot open {url}; retrying", failure, url=safe_url(self.database.url))
-        self._opened = deferLater(self._clock, MAX_RETRY_DELAY, lambda: None)
-        self._opened.addCallback(lambda _: self._in_thread(self.database.open))
+        self._throttle(
+            "open_failed",
+            log.error,
+            "The store cannot open {url} ({error}); retrying every {delay:g} s",
+            url=safe_url(self.database.url),
+            error=failure.getErrorMessage(),
+            delay=MAX_RETRY_DELAY,
+        )
+        if not self.running:
+            return
+        self._retry_open = self._clock.callLater(MAX_RETRY_DELAY, self._open)
+
+    def _open(self):
+        self._opened = self._in_thread(self.database.open)
         self._opened.addCallbacks(self._started, self._failed_to_open)
 
     async def _stop(self):
+        if self._retry_open is not None and self._retry_open.active():
+            self._retry_open.cancel()
         for loop in self._loops:
             if loop.running:
                 loop.stop()
@@ -137,6 +160,13 @@ class StoreService(Service):
                 await self._write(self._take())
         except Exception:
             log.failure("The store lost {n} records at stop", n=len(self._queue))
+        if self._writer is not None:
+            writer, self._writer = self._writer, None
+            ended = writer.close()
+            timer = self._clock.callLater(STOP_TIMEOUT, writer.transport.signalProcess, "KILL")
+            await ended
+            if timer.active():
+                timer.cancel()
         await self._in_thread(self.database.close)
         self._pool.stop()
 
@@ -147,9 +177,14 @@ class StoreService(Service):
         return d.addErrback(lambda f: log.failure("Stopping the store failed", f))
 
     def _in_thread(self, f, *args) -> Deferred:
-        from twisted.internet import reactor
+        return deferToThreadPool(self._clock, self._pool, f, *args)
 
-        return deferToThreadPool(reactor, self._pool, f, *args)
+    def _spawn_writer(self) -> WriterProcess:
+        writer = WriterProcess(self._clock)
+        command = [sys.executable, "-m", "txthreatbus.store.writer", self.database.url]
+        self._clock.spawnProcess(writer, sys.executable, command, env=os.environ)
+        self._writer = writer
+        return writer
 
     # --- recording
 
@@ -189,12 +224,15 @@ class StoreService(Service):
 
     def _write(self, batch) -> Deferred:
         started = self._clock.seconds()
+        writer = self._writer
+        if writer is None or writer.gone:
+            writer = self._spawn_writer()
 
         def done(_):
             self._metrics.store_writes.inc()
             self._metrics.store_write_seconds.inc(self._clock.seconds() - started)
 
-        return self._in_thread(self.database.record, batch).addCallback(done)
+        return writer.write(batch).addCallback(done)
 
     def _written(self, _):
         self._writing = False
