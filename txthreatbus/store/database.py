@@ -16,9 +16,8 @@ from __future__ import annotations
 import functools
 import hashlib
 from itertools import chain
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
-import attrs
 import sqlalchemy as sa
 
 #: Seconds a connection to PostgreSQL may take.
@@ -36,9 +35,12 @@ SCHEMA_VERSION = 1
 _MIGRATION_LOCK = 0x7478_7462  # "txtb"
 
 
-@attrs.frozen
-class Record:
-    """One Intel, Indicator or Sighting as the store keeps it."""
+class Record(NamedTuple):
+    """
+    One Intel, Indicator or Sighting as the store keeps it. A named tuple,
+    not an attrs class: one is made for every message the bus routes, and
+    pickled to the writer process, and a tuple is the cheapest at both.
+    """
 
     kind: str  # a message class's kind: intel, indicator, sighting, stix_sighting
     received: float  # when the bus received it, in seconds since the epoch

@@ -46,7 +46,7 @@ log = Logger(observer=logs.publisher)
 
 #: Seconds between writes of what was routed: at most this much (and a
 #: write's time) is lost when the process is killed.
-FLUSH_INTERVAL = 0.2
+FLUSH_INTERVAL = 0.05
 #: Records written in one transaction at most.
 FLUSH_RECORDS = 2000
 #: Bytes of records waiting for a database that is down, at most.
