@@ -6,12 +6,15 @@ it without blocking the reactor (non-blocking calls, polled with deadlines).
 from __future__ import annotations
 
 import json
+import os
+import socket
 import time
 
 import attrs
 import zmq
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
+from twisted.trial.unittest import SkipTest
 
 from txthreatbus.config import Config, ZmqAppConfig
 from txthreatbus.tap import bus_service
@@ -39,6 +42,29 @@ async def wait_for(predicate, timeout: float = DEADLINE, what: str = "condition"
 async def settle(seconds: float) -> None:
     """Let the reactor run for ``seconds`` (to show that nothing arrives)."""
     await deferLater(reactor, seconds, lambda: None)
+
+
+_reachable: dict = {}
+
+
+def require_service(testcase, address, what: str) -> None:
+    """
+    Skip ``testcase`` unless ``address`` (host, port) takes connections,
+    saying that ``what`` is missing there; in CI (``CI=true``) fail instead:
+    CI must run every test.
+    """
+    if address not in _reachable:
+        try:
+            socket.create_connection(address, 2).close()
+            _reachable[address] = True
+        except OSError:
+            _reachable[address] = False
+    if _reachable[address]:
+        return
+    reason = f"no {what} on {address[0]}:{address[1]}"
+    if os.environ.get("CI") == "true":
+        testcase.fail(reason + ", and CI=true: CI must run these tests")
+    raise SkipTest(reason)
 
 
 def start_bus(testcase, config: Config = None, **zmq_app):

@@ -38,7 +38,16 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
-from tests.support import App, Context, drain, publish_until_seen, settle, start_bus, wait_for
+from tests.support import (
+    App,
+    Context,
+    drain,
+    publish_until_seen,
+    require_service,
+    settle,
+    start_bus,
+    wait_for,
+)
 from txthreatbus import codec, logs
 from txthreatbus.backbones import rabbitmq
 from txthreatbus.backbones.rabbitmq import (
@@ -890,24 +899,9 @@ class StopTests(SynchronousTestCase):
 # --- against a real broker
 
 
-_reachable = None
-
-
 def require_broker(testcase) -> None:
     """Skip (fail in CI) unless the broker is reachable."""
-    global _reachable
-    if _reachable is None:
-        try:
-            socket.create_connection(BROKER, 2).close()
-            _reachable = True
-        except OSError:
-            _reachable = False
-    if _reachable:
-        return
-    reason = "no RabbitMQ broker on 127.0.0.1:5672 (guest/guest)"
-    if os.environ.get("CI") == "true":
-        testcase.fail(reason + ", and CI=true: CI must run the RabbitMQ tests")
-    raise SkipTest(reason)
+    require_service(testcase, BROKER, "RabbitMQ broker (guest/guest)")
 
 
 async def broker_connection() -> TwistedProtocolConnection:

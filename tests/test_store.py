@@ -15,9 +15,18 @@ import sqlalchemy as sa
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import TestCase
 
-from tests.support import App, Context, drain, publish_until_seen, settle, start_bus, wait_for
+from tests.support import (
+    App,
+    Context,
+    drain,
+    publish_until_seen,
+    require_service,
+    settle,
+    start_bus,
+    wait_for,
+)
 from tests.test_zmq_app import INTEL, SIGHTING
 from txthreatbus import codec
 from txthreatbus.config import Config, StoreConfig, ZmqAppConfig
@@ -36,15 +45,8 @@ def intel(i, operation="ADD", **fields) -> dict:
 
 def postgresql_url(testcase) -> str:
     """A PostgreSQL schema of this test's own (dropped at the end), or SkipTest."""
+    require_service(testcase, ("127.0.0.1", 5432), "PostgreSQL (user postgres, trust auth, database test)")
     engine = sa.create_engine(db.engine_url(POSTGRESQL))
-    try:
-        with engine.connect():
-            pass
-    except sa.exc.OperationalError as e:
-        engine.dispose()
-        if os.environ.get("CI") == "true":
-            raise
-        raise SkipTest(f"no PostgreSQL on 127.0.0.1:5432 ({e.orig.__class__.__name__}); CI=true makes this fail")
     schema = "t_" + uuid.uuid4().hex[:12]
     with engine.begin() as connection:
         connection.execute(sa.text(f"CREATE SCHEMA {schema}"))

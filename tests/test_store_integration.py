@@ -13,7 +13,6 @@ in CI (CI=true), where they fail.
 from __future__ import annotations
 
 import os
-import socket
 import sqlite3
 import sys
 import time
@@ -26,9 +25,20 @@ from twisted.internet import reactor
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import TestCase
 
-from tests.support import DEADLINE, App, Context, Timeout, drain, publish_until_seen, settle, start_bus, wait_for
+from tests.support import (
+    DEADLINE,
+    App,
+    Context,
+    Timeout,
+    drain,
+    publish_until_seen,
+    require_service,
+    settle,
+    start_bus,
+    wait_for,
+)
 from tests.test_rabbitmq import BrokerTestCase, intel_json
 from tests.test_rabbitmq import intel as intel_item
 from tests.test_tap import PROCESS_DEADLINE, REPO_ROOT, TWISTD, ProcessOutput, free_ports, write_config
@@ -55,24 +65,9 @@ def sighting_json(intel_id: str, uid: str) -> dict:
     )
 
 
-_postgres_reachable = None
-
-
 def require_postgres(testcase) -> None:
     """Skip (fail in CI) unless PostgreSQL is reachable."""
-    global _postgres_reachable
-    if _postgres_reachable is None:
-        try:
-            socket.create_connection(POSTGRES, 2).close()
-            _postgres_reachable = True
-        except OSError:
-            _postgres_reachable = False
-    if _postgres_reachable:
-        return
-    reason = "no PostgreSQL on 127.0.0.1:5432 (user postgres, trust auth, database test)"
-    if os.environ.get("CI") == "true":
-        testcase.fail(reason + ", and CI=true: CI must run the PostgreSQL tests")
-    raise SkipTest(reason)
+    require_service(testcase, POSTGRES, "PostgreSQL (user postgres, trust auth, database test)")
 
 
 def postgres_engine():
