@@ -212,6 +212,17 @@ class App:
         return head[len(self.p2p):].decode(), json.loads(body)
 
 
+async def connected_apps(ctx: Context, top, *topics) -> list:
+    """Subscribed, connected apps on ``top``, one per topic (a topic or a list of them)."""
+    apps = []
+    for topic in topics:
+        app = App.on(ctx, top)
+        await app.subscribe(ctx, topic)
+        await app.wait_connected(top)
+        apps.append(app)
+    return apps
+
+
 async def publish_until_seen(publisher: App, topic: str, body, receivers, timeout=DEADLINE):
     """
     Publish probes until every receiver got one: a PUB socket drops what it

@@ -15,6 +15,7 @@ from twisted.trial.unittest import TestCase
 from tests.support import (
     App,
     Context,
+    connected_apps,
     drain,
     publish_until_seen,
     receive,
@@ -73,17 +74,6 @@ def untranslatable(top, direction: str, reason: str) -> float:
     return value or 0
 
 
-async def apps(testcase, top, ctx, *topics):
-    """Subscribed, connected apps, one per topic (a topic or a list of them)."""
-    result = []
-    for topic in topics:
-        app = App.on(ctx, top)
-        await app.subscribe(ctx, topic)
-        await app.wait_connected(top)
-        result.append(app)
-    return result
-
-
 class ManagementTests(TestCase):
     """What a STIX-2 app sees of the management endpoint."""
 
@@ -132,8 +122,8 @@ class SameGenerationTests(TestCase):
         """An Indicator reaches subscribers of stix2, stix2/indicator and both, once each, as its bytes."""
         top = start_bus(self)
         ctx = Context(self)
-        publisher, one, root, both = await apps(
-            self, top, ctx, "stix2/sighting", "stix2/indicator", "stix2", ["stix2", "stix2/indicator"]
+        publisher, one, root, both = await connected_apps(
+            ctx, top, "stix2/sighting", "stix2/indicator", "stix2", ["stix2", "stix2/indicator"]
         )
         await publish_until_seen(publisher, "stix2/indicator", INDICATOR, [one, root, both])
         body = b'{"spec_version":"2.1",  "type":"indicator",' + dumps(INDICATOR)[1:].replace(b'"type": "indicator", "spec_version": "2.1", ', b"")
@@ -149,7 +139,7 @@ class SameGenerationTests(TestCase):
         """A Sighting reaches stix2/sighting subscribers whatever stix2/ topic it came on."""
         top = start_bus(self)
         ctx = Context(self)
-        publisher, sightings = await apps(self, top, ctx, "stix2/indicator", "stix2/sighting")
+        publisher, sightings = await connected_apps(ctx, top, "stix2/indicator", "stix2/sighting")
         probe = stix_sighting(INDICATOR["id"])
         await publish_until_seen(publisher, "stix2/anything", probe, [sightings])
         publisher.publish("stix2/indicator", probe)
@@ -159,7 +149,7 @@ class SameGenerationTests(TestCase):
         """Bundles, wrong spec_version, other types, bad patterns and fake envelopes are dropped, counted; the bus serves on."""
         top = start_bus(self)
         ctx = Context(self)
-        publisher, receiver = await apps(self, top, ctx, "stix2/sighting", "stix2/indicator")
+        publisher, receiver = await connected_apps(ctx, top, "stix2/sighting", "stix2/indicator")
         await publish_until_seen(publisher, "stix2/indicator", INDICATOR, [receiver])
         bad = {
             "stix_bundle": {"type": "bundle", "id": f"bundle--{uuid.uuid4()}", "objects": [INDICATOR]},
@@ -186,7 +176,7 @@ class BridgeTests(TestCase):
         """A 2020 Intel reaches 2022 apps as an Indicator, and 2020 apps as it was sent."""
         top = start_bus(self)
         ctx = Context(self)
-        old, new, publisher = await apps(self, top, ctx, "threatbus/intel", "stix2/indicator", "threatbus/sighting")
+        old, new, publisher = await connected_apps(ctx, top, "threatbus/intel", "stix2/indicator", "threatbus/sighting")
         await publish_until_seen(publisher, "threatbus/intel", INTEL, [old, new])
         sent = dumps({**INTEL, "id": "intel-7", "operation": "REMOVE"})
         publisher.pub.send(b"threatbus/intel " + sent)
@@ -206,7 +196,7 @@ class BridgeTests(TestCase):
         """A point-equality Indicator reaches 2020 apps as Intel; a Suricata rule is counted, not sent."""
         top = start_bus(self)
         ctx = Context(self)
-        old, new, publisher = await apps(self, top, ctx, "threatbus", "stix2/indicator", "stix2/sighting")
+        old, new, publisher = await connected_apps(ctx, top, "threatbus", "stix2/indicator", "stix2/sighting")
         await publish_until_seen(publisher, "stix2/indicator", INDICATOR, [old, new])
         publisher.publish("stix2/indicator", SURICATA)
         publisher.publish("stix2/indicator", {**INDICATOR, "x_threatbus_update": "REMOVE"})
@@ -229,7 +219,7 @@ class BridgeTests(TestCase):
         """A 2022 Sighting of an Indicator derived from Intel reaches 2020 apps with the Intel's id."""
         top = start_bus(self)
         ctx = Context(self)
-        old_publisher, old, new = await apps(self, top, ctx, "threatbus/intel", "threatbus/sighting", "stix2")
+        old_publisher, old, new = await connected_apps(ctx, top, "threatbus/intel", "threatbus/sighting", "stix2")
         await publish_until_seen(old_publisher, "threatbus/intel", INTEL, [new])
         derived = bridge.indicator_id(INTEL["id"])
         sighting = stix_sighting(
@@ -258,7 +248,7 @@ class BridgeTests(TestCase):
         """A 2020 Sighting reaches 2022 apps as a STIX Sighting of the derived Indicator."""
         top = start_bus(self)
         ctx = Context(self)
-        old, new = await apps(self, top, ctx, "threatbus/intel", "stix2/sighting")
+        old, new = await connected_apps(ctx, top, "threatbus/intel", "stix2/sighting")
         sighting = {"ts": "2020-11-26 14:46:53", "intel": "intel-1", "context": {"source": "VAST"}, "ioc": ["x.org"]}
         await publish_until_seen(old, "threatbus/sighting", sighting, [new])
         old.publish("threatbus/sighting", sighting)
@@ -279,7 +269,7 @@ class SnapshotTests(TestCase):
         """A 2022 app's snapshot: 2020 apps answer in 2020 shape, the requester gets Indicators."""
         top = start_bus(self)
         ctx = Context(self)
-        old, new_bystander = await apps(self, top, ctx, "threatbus/intel", "stix2/sighting")
+        old, new_bystander = await connected_apps(ctx, top, "threatbus/intel", "stix2/sighting")
         requester = App.on(ctx, top)
         await requester.subscribe(ctx, ["stix2/indicator", "stix2/sighting"], snapshot=3)
         await requester.wait_connected(top)
@@ -304,7 +294,7 @@ class SnapshotTests(TestCase):
         """A 2020 app's snapshot: a 2022 envelope's Indicator reaches it as Intel."""
         top = start_bus(self)
         ctx = Context(self)
-        (new,) = await apps(self, top, ctx, "stix2/indicator")
+        (new,) = await connected_apps(ctx, top, "stix2/indicator")
         requester = App.on(ctx, top)
         await requester.subscribe(ctx, "threatbus/intel", snapshot=1)
         await requester.wait_connected(top)

@@ -20,6 +20,7 @@ from twisted.trial.unittest import TestCase
 from tests.support import (
     App,
     Context,
+    connected_apps,
     drain,
     publish_until_seen,
     require_service,
@@ -180,13 +181,7 @@ class StoreServiceTests(TestCase):
 
     async def apps(self, top, *topics):
         ctx = Context(self)
-        result = []
-        for topic in topics:
-            app = App.on(ctx, top)
-            await app.subscribe(ctx, topic)
-            await app.wait_connected(top)
-            result.append(app)
-        return ctx, result
+        return ctx, await connected_apps(ctx, top, *topics)
 
     async def test_records_originals_of_both_generations(self):
         """Intel, Sightings and STIX objects are recorded as published, never their translations."""
