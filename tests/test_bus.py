@@ -253,6 +253,21 @@ class RoutingTests(SynchronousTestCase):
         [event] = self.log.failures()
         self.assertIs(event["consumer"], failing)
 
+    def test_unrouted_counted(self):
+        """A message that reaches no consumer, directly or translated, is counted by type."""
+        unrouted = lambda kind: self.bus.metrics.unrouted[kind].value  # noqa: E731
+        self.bus.publish(INTEL)
+        self.assertEqual(unrouted("intel"), 1)
+        sightings, indicators = Recorder(), Recorder()
+        self.bus.subscribe("threatbus/sighting", sightings)
+        self.bus.publish(SIGHTING)
+        self.bus.subscribe("stix2/indicator", indicators)
+        self.bus.publish(INTEL)  # reaches the STIX consumer, translated
+        port = Intel(TS, "intel-2", IntelData(("203.0.113.1|80",), IntelType.IPSRC_PORT), Operation.ADD)
+        self.bus.publish(port)  # has no STIX counterpart
+        self.assertEqual((unrouted("intel"), unrouted("sighting")), (2, 0))
+        self.assertEqual(len(indicators.got), 1)
+
     def test_unroutable(self):
         """Something that is not a message is dropped, logged and counted."""
         self.bus.deliver("not a message")

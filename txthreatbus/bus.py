@@ -179,22 +179,28 @@ class Bus(Service):
                 watcher(message)
             except Exception:
                 log.failure("Watcher {watcher!r} failed", watcher=watcher)
-        self._hand(message, _CHAINS[type(message)])
+        reached = self._hand(message, _CHAINS[type(message)])
         counterparts = _COUNTERPARTS[type(message)]
         if not self._consumers.keys().isdisjoint(counterparts):
             translated = self.bridge.translate(message)
             if translated is not None:
-                self._hand(translated, counterparts)
+                reached += self._hand(translated, counterparts)
+        if not reached:
+            self.metrics.unrouted[message.kind].inc()
 
-    def _hand(self, message, chain) -> None:
+    def _hand(self, message, chain) -> int:
+        """Give ``message`` to the consumers of ``chain``; how many there were."""
+        reached = 0
         for topic in chain:
             consumers = self._consumers.get(topic)
             if consumers:
+                reached += len(consumers)
                 for consumer in list(consumers):
                     try:
                         consumer(message)
                     except Exception:
                         log.failure("Consumer {consumer!r} failed", consumer=consumer)
+        return reached
 
     def _fan_out(self, request: SnapshotRequest) -> None:
         pending = self._snapshots.get(request.snapshot_id)

@@ -98,6 +98,14 @@ class Metrics:
             "message over max_message_size)",
             ["endpoint"],
         )
+        unrouted = counter(
+            "txthreatbus_unrouted",
+            "Intel, Sightings and STIX objects that reached no subscriber at this instance, "
+            "by type: none was subscribed to their topic (an app away, or not yet subscribed "
+            "again after a restart), or none of the other generation could take a translation",
+            ["type"],
+        )
+        self.unrouted = {t: unrouted.labels(t) for t in ("intel", "sighting", "indicator", "stix_sighting")}
         self.untranslatable = counter(
             "txthreatbus_untranslatable",
             "Messages with no counterpart in the other generation of apps, by direction "
