@@ -228,7 +228,7 @@ class Harness:
         self.delivered = []
         self.fatal = []
         self.attempts = []
-        self.config = RabbitMQConfig(**{"queue": QueueConfig(name_suffix="test"), **config})
+        self.config = RabbitMQConfig(**{"queue": QueueConfig(name_suffix="test"), "resubscribe_grace": 0, **config})
         self.backbone = RabbitMQBackbone(
             self.config, self.metrics, self.clock, on_fatal=self.fatal.append
         )
@@ -668,6 +668,18 @@ class ConsumeTests(SynchronousTestCase):
         self.assertEqual(h.events, [("deliver", "i-1"), ("ack", 1)])
         self.assertEqual(backbone_sample(h.metrics, "consumed"), 1)
 
+    def test_resubscribe_grace(self):
+        """Consuming waits resubscribe_grace after start (what arrives stays unacknowledged), then takes it all."""
+        h = Harness(self, resubscribe_grace=10)
+        fake = h.start_up()
+        fake.deliver("intel", 1, codec.encode(intel("i-1")))
+        h.clock.advance(9.9)
+        self.assertEqual((h.delivered, fake.consumer.acked), ([], []))
+        h.clock.advance(0.1)
+        self.assertEqual(([m.id for m in h.delivered], fake.consumer.acked), (["i-1"], [1]))
+        fake.deliver("intel", 2, codec.encode(intel("i-2")))
+        self.assertEqual(len(h.delivered), 2)
+
     def test_costly_messages_let_the_reactor_run(self):
         """After batch_seconds of handling, consuming waits for the next reactor turn, and then goes on."""
         ticks = iter(range(1000))
@@ -1042,7 +1054,7 @@ class BrokerTestCase(TestCase):
             naming_join_pattern=f".{self.tag}.",
             queue=queue,
             reconnect_max_delay=0.5,
-            **options,
+            **{"resubscribe_grace": 0, **options},
         )
         if keep:
             self.queues_to_delete.extend(
@@ -1240,10 +1252,10 @@ class UnreachableBrokerTests(TestCase):
 class BusBrokerTests(BrokerTestCase):
     """Whole buses (zmq-app, bus core, RabbitMQ backbone): two instances in one process."""
 
-    async def start_two(self):
+    async def start_two(self, **options):
         zmq_app = ZmqAppConfig(manage=0, pub=0, sub=0)
         tops = [
-            start_bus(self, Config(backbone=self.config(name), apps={"zmq-app": zmq_app}, store=None))
+            start_bus(self, Config(backbone=self.config(name, **options), apps={"zmq-app": zmq_app}, store=None))
             for name in ("one", "two")
         ]
         backbones = [top.getServiceNamed("backbone") for top in tops]
@@ -1339,3 +1351,52 @@ class BusBrokerTests(BrokerTestCase):
         ((suffix, intel),) = await old_app.receive(1)  # the probes' Intel is the same
         self.assertEqual((suffix, intel["id"]), ("intel", indicator["id"]))
         self.assertEqual(intel["data"], {"indicator": ["evil.example.com"], "intel_type": 11})
+
+    async def restart_two_while_publishing(self, grace: float) -> tuple:
+        """
+        Instance two stops while 100 intel are published at one, starts
+        again, and an app subscribes there anew (as apps do when their
+        heartbeat fails): what that app receives, and the instance's metrics.
+        """
+        one, two = await self.start_two(keep=True, resubscribe_grace=grace)
+        ctx = Context(self)
+        publisher, receiver = App.on(ctx, one), App.on(ctx, two)
+        await publisher.subscribe(ctx, "threatbus/sighting")
+        await receiver.subscribe(ctx, "threatbus/intel")
+        await receiver.wait_connected(two)
+        await publish_until_seen(publisher, "threatbus/intel", intel_json("probe"), [receiver])
+        await two.stopService()
+        for i in range(100):
+            publisher.publish("threatbus/intel", intel_json(f"away-{i}"))
+        await settle(0.3)  # at the broker, in two's queue
+        two.startService()
+        backbone = two.getServiceNamed("backbone")
+        await wait_for(lambda: backbone.connected, what="two's backbone")
+        await settle(0.5)  # apps notice a restart only at their next heartbeat
+        again = App.on(ctx, two)
+        await again.subscribe(ctx, "threatbus/intel")
+        await again.wait_connected(two)
+        got = set()
+
+        def collect():
+            got.update(again.parse(f)[1]["id"] for f in drain(again.sub))
+            return len(got) >= 100
+
+        try:
+            await wait_for(collect, timeout=grace + 5, what="the intel published while away")
+        except AssertionError:
+            pass
+        await settle(0.3)
+        collect()
+        return got, two.getServiceNamed("bus").metrics
+
+    async def test_restarted_instance_loses_nothing(self):
+        """What reached a restarted instance's queue while it was away reaches its apps once they subscribe again."""
+        got, metrics = await self.restart_two_while_publishing(grace=2)
+        self.assertEqual(got, {f"away-{i}" for i in range(100)})
+        self.assertEqual(metrics.unrouted["intel"].value, 0)
+
+    async def test_without_grace_counted(self):
+        """Without the grace, the queue is consumed before apps are back: what no app got is counted, not silent."""
+        got, metrics = await self.restart_two_while_publishing(grace=0)
+        self.assertEqual((len(got), metrics.unrouted["intel"].value), (0, 100))

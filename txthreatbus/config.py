@@ -111,6 +111,10 @@ class RabbitMQConfig:
     buffer_bytes: int = attrs.field(default=64 << 20, validator=positive_int)  # 64 MiB
     dedup_window: int = attrs.field(default=100_000, validator=positive_int)
     reconnect_max_delay: float = attrs.field(default=30.0, validator=positive_number)
+    #: Seconds after start before consuming: apps of a restarted instance
+    #: subscribe again first (they notice within a heartbeat, 5 s), so that
+    #: what waited in its queue reaches them. 0: consume at once.
+    resubscribe_grace: float = attrs.field(default=10.0, validator=non_negative_number)
 
 
 @attrs.frozen

@@ -340,6 +340,8 @@ class RabbitMQBackbone(Service):
         self._was_up = False
         self._stopping = False
         self._stopped: Optional[Deferred] = None
+        #: When consuming may begin (``resubscribe_grace`` after start).
+        self._consume_from = 0.0
 
     # --- state, for operators and tests
 
@@ -495,6 +497,13 @@ class RabbitMQBackbone(Service):
 
     async def _consume(self, session: _Session, kind: str, queue) -> None:
         topic = TOPICS[kind]
+        # What pika holds meanwhile stays unacknowledged: the broker's to
+        # give again if the connection drops.
+        grace = self._consume_from - self._clock.seconds()
+        if grace > 0:
+            await deferLater(self._clock, grace, lambda: None)
+            if session.lost or self._stopping:
+                return
         spent = 0.0
         while True:
             received = await queue.get()
@@ -618,10 +627,16 @@ class RabbitMQBackbone(Service):
         else:
             self._was_up = True
             log.info(
-                "Connected to RabbitMQ at {address} (vhost {vhost}); consuming from {queues}",
+                "Connected to RabbitMQ at {address} (vhost {vhost}); consuming from {queues}"
+                "{grace}",
                 address=self.address,
                 vhost=self.config.vhost,
                 queues=", ".join(self.queues.values()),
+                grace=(
+                    f" in {self.config.resubscribe_grace:g} s, once apps have had the time to subscribe again"
+                    if self.config.resubscribe_grace
+                    else ""
+                ),
             )
         watched = [session.connection.when_lost()] + [c.on_closed for c in session.channels]
         for d in watched:
@@ -746,6 +761,7 @@ class RabbitMQBackbone(Service):
         self._stopping = False
         self._stopped = None
         self._was_up = False
+        self._consume_from = self._clock.seconds() + self.config.resubscribe_grace
         self._delay = self._first_delay
         log.info(
             "Connecting to RabbitMQ at {address} (vhost {vhost}) as {username}",
