@@ -42,6 +42,8 @@ import tempfile
 import threading
 import time
 
+from run import rss_kib
+
 import zmq
 
 HOST = "127.0.0.1"
@@ -62,14 +64,6 @@ logging:
 _INTEL = ('{"ts": "2020-11-26 14:46:52.123456", "id": "%s", '
           '"data": {"indicator": ["evil%s.snapshot.example.com"], "intel_type": 11}, '
           '"operation": "ADD"}')
-
-
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
 
 
 def wait_port(port: int, timeout: float = 30.0) -> bool:

@@ -9,6 +9,7 @@ import json
 import os
 import socket
 import time
+import uuid
 
 import attrs
 import zmq
@@ -65,6 +66,37 @@ def require_service(testcase, address, what: str) -> None:
     if os.environ.get("CI") == "true":
         testcase.fail(reason + ", and CI=true: CI must run these tests")
     raise SkipTest(reason)
+
+
+#: The test PostgreSQL database (trust auth), on every developer and CI machine.
+POSTGRESQL = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+def postgresql_schema(testcase):
+    """
+    A fresh schema in the test PostgreSQL database, dropped at the end of
+    the test (ask for it before starting buses, so that it is dropped after
+    they stopped), or SkipTest: the store URL that uses it, its name, and an
+    engine to look at it.
+    """
+    import sqlalchemy as sa
+    from twisted.internet.threads import deferToThread
+
+    from txthreatbus.store.database import engine_url
+
+    require_service(testcase, ("127.0.0.1", 5432), "PostgreSQL (user postgres, trust auth, database test)")
+    schema = "txtb_" + uuid.uuid4().hex[:12]
+    engine = sa.create_engine(engine_url(POSTGRESQL))
+    with engine.begin() as connection:
+        connection.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+
+    def drop():
+        with engine.begin() as connection:
+            connection.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+        engine.dispose()
+
+    testcase.addCleanup(deferToThread, drop)
+    return f"{POSTGRESQL}?options=-csearch_path%3D{schema}", schema, engine
 
 
 def start_bus(testcase, config: Config = None, **zmq_app):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import time
-import uuid
 from datetime import timedelta
 
 import sqlalchemy as sa
@@ -22,8 +21,8 @@ from tests.support import (
     Context,
     connected_apps,
     drain,
+    postgresql_schema,
     publish_until_seen,
-    require_service,
     settle,
     start_bus,
     wait_for,
@@ -37,28 +36,9 @@ from txthreatbus.store import database as db
 from txthreatbus.store import service
 from txthreatbus.store.database import Database, Record, SchemaError
 
-POSTGRESQL = "postgresql://postgres@127.0.0.1:5432/test"
-
 
 def intel(i, operation="ADD", **fields) -> dict:
     return {**INTEL, "id": f"intel-{i}", "operation": operation, **fields}
-
-
-def postgresql_url(testcase) -> str:
-    """A PostgreSQL schema of this test's own (dropped at the end), or SkipTest."""
-    require_service(testcase, ("127.0.0.1", 5432), "PostgreSQL (user postgres, trust auth, database test)")
-    engine = sa.create_engine(db.engine_url(POSTGRESQL))
-    schema = "t_" + uuid.uuid4().hex[:12]
-    with engine.begin() as connection:
-        connection.execute(sa.text(f"CREATE SCHEMA {schema}"))
-
-    def drop():
-        with engine.begin() as connection:
-            connection.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
-        engine.dispose()
-
-    testcase.addCleanup(drop)
-    return f"{POSTGRESQL}?options=-csearch_path%3D{schema}"
 
 
 class DatabaseTestsMixin:
@@ -144,7 +124,7 @@ class SQLiteDatabaseTests(DatabaseTestsMixin, TestCase):
 class PostgreSQLDatabaseTests(DatabaseTestsMixin, TestCase):
     def url(self) -> str:
         if not hasattr(self, "_url"):
-            self._url = postgresql_url(self)
+            self._url = postgresql_schema(self)[0]
         return self._url
 
 

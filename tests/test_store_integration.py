@@ -16,7 +16,6 @@ import os
 import sqlite3
 import sys
 import time
-import uuid
 from datetime import datetime
 
 import attrs
@@ -33,8 +32,8 @@ from tests.support import (
     Context,
     Timeout,
     drain,
+    postgresql_schema,
     publish_until_seen,
-    require_service,
     settle,
     start_bus,
     wait_for,
@@ -46,8 +45,6 @@ from txthreatbus import codec
 from txthreatbus.config import Config, StoreConfig, ZmqAppConfig
 from txthreatbus.model import Operation, Sighting
 
-POSTGRES = ("127.0.0.1", 5432)
-POSTGRES_URL = "postgresql://postgres@127.0.0.1/test"
 
 
 # --- helpers
@@ -63,39 +60,6 @@ def sighting_json(intel_id: str, uid: str) -> dict:
     return codec.unstructure(
         Sighting(datetime(2020, 11, 26, 15, 0, 0, 123456), intel_id, {"source": "test", "uid": uid}, ("example.com",))
     )
-
-
-def require_postgres(testcase) -> None:
-    """Skip (fail in CI) unless PostgreSQL is reachable."""
-    require_service(testcase, POSTGRES, "PostgreSQL (user postgres, trust auth, database test)")
-
-
-def postgres_engine():
-    import sqlalchemy as sa
-
-    return sa.create_engine("postgresql+psycopg://" + POSTGRES_URL.partition("://")[2], future=True)
-
-
-def postgres_schema(testcase) -> str:
-    """
-    A fresh schema in the test database, dropped at the end of the test
-    (register it before the buses, so that it runs after they stopped): the
-    store URL that uses it, its name, and an engine to look at it.
-    """
-    import sqlalchemy as sa
-
-    schema = "txtb_" + uuid.uuid4().hex[:12]
-    engine = postgres_engine()
-    with engine.begin() as connection:
-        connection.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-
-    def drop():
-        with engine.begin() as connection:
-            connection.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
-        engine.dispose()
-
-    testcase.addCleanup(deferToThread, drop)
-    return f"{POSTGRES_URL}?options=-csearch_path%3D{schema}", schema, engine
 
 
 def postgres_rows(engine, schema: str) -> dict:
@@ -346,8 +310,7 @@ class StoreBrokerTests(BrokerTestCase):
 
     async def test_shared_postgresql_records_once_answers_once(self):
         """With one PostgreSQL, what both instances route is one row each, and a snapshot is answered once, to its requester only."""
-        require_postgres(self)
-        url, schema, engine = postgres_schema(self)
+        url, schema, engine = postgresql_schema(self)
         one, two = await self.start_two([url, url])
         ctx = await self.route_at_one(one, two)
 
