@@ -14,6 +14,7 @@ import sqlalchemy as sa
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
+from twisted.logger import LogLevel
 from twisted.trial.unittest import TestCase
 
 from tests.support import (
@@ -27,6 +28,7 @@ from tests.support import (
     start_bus,
     wait_for,
 )
+from tests.test_bus import LogCapture
 from tests.test_zmq_app import INTEL, SIGHTING
 from txthreatbus import codec
 from txthreatbus.config import Config, StoreConfig, ZmqAppConfig
@@ -164,7 +166,8 @@ class StoreServiceTests(TestCase):
         return ctx, await connected_apps(ctx, top, *topics)
 
     async def test_records_originals_of_both_generations(self):
-        """Intel, Sightings and STIX objects are recorded as published, never their translations."""
+        """Intel, Sightings and STIX objects are recorded as published, never their translations; the writer says nothing."""
+        log = LogCapture(self)
         top = store_bus(self)
         ctx, (old, new) = await self.apps(top, "threatbus", "stix2")
         indicator = {
@@ -180,6 +183,7 @@ class StoreServiceTests(TestCase):
         await recorded(top, {"intel": 1, "indicator": 1, "sighting": 1})
         await settle(0.3)
         self.assertEqual(await counts(top), {"intel": 1, "indicator": 1, "sighting": 1})
+        self.assertEqual([e for e in log.events if e["log_level"] >= LogLevel.warn], [])
 
     async def test_snapshot_from_store(self):
         """A snapshot gets the live set and the sightings, to the requester only, in its generation."""

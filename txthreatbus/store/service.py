@@ -181,7 +181,7 @@ class StoreService(Service):
 
     def _spawn_writer(self) -> WriterProcess:
         writer = WriterProcess(self._clock)
-        command = [sys.executable, "-m", "txthreatbus.store.writer", self.database.url]
+        command = [sys.executable, "-m", "txthreatbus.store", self.database.url]
         self._clock.spawnProcess(writer, sys.executable, command, env=os.environ)
         self._writer = writer
         return writer

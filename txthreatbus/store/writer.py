@@ -16,7 +16,7 @@ end of stdin it writes what it has read and exits. ``WriterProcess`` is the
 bus's side. (Only the bus, which started the writer, writes to its stdin:
 unpickling it is safe.)
 
-    python -m txthreatbus.store.writer URL
+    python -m txthreatbus.store URL
 """
 
 from __future__ import annotations
@@ -115,7 +115,3 @@ class WriterProcess(protocol.ProcessProtocol):
         for d in waiting:
             d.errback(WriteError(f"the writer process ended: {reason.getErrorMessage()}"))
         self.ended.callback(None)
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv))
