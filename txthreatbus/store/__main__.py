@@ -1,7 +1,8 @@
-"""``python -m txthreatbus.store URL``: the store's writer process (see ``writer``)."""
+"""``TXTHREATBUS_STORE_URL=URL python -m txthreatbus.store``: the store's writer process (see ``writer``)."""
 
+import os
 import sys
 
 from txthreatbus.store.writer import main
 
-sys.exit(main(sys.argv))
+sys.exit(main(os.environ))

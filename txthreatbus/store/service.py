@@ -40,7 +40,7 @@ from txthreatbus.config import safe_url
 from txthreatbus.interfaces import IApp
 from txthreatbus.model import Intel, MessageType, Operation, Sighting, SnapshotEnvelope
 from txthreatbus.store.database import Database, Record
-from txthreatbus.store.writer import WriterProcess
+from txthreatbus.store.writer import URL_VARIABLE, WriterProcess
 
 log = Logger(observer=logs.publisher)
 
@@ -181,8 +181,10 @@ class StoreService(Service):
 
     def _spawn_writer(self) -> WriterProcess:
         writer = WriterProcess(self._clock)
-        command = [sys.executable, "-m", "txthreatbus.store", self.database.url]
-        self._clock.spawnProcess(writer, sys.executable, command, env=os.environ)
+        # the URL in the environment, not in argv: a password in it stays
+        # out of what other users see in ps
+        env = {**os.environ, URL_VARIABLE: self.database.url}
+        self._clock.spawnProcess(writer, sys.executable, [sys.executable, "-m", "txthreatbus.store"], env=env)
         self._writer = writer
         return writer
 

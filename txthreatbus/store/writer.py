@@ -16,7 +16,7 @@ end of stdin it writes what it has read and exits. ``WriterProcess`` is the
 bus's side. (Only the bus, which started the writer, writes to its stdin:
 unpickling it is safe.)
 
-    python -m txthreatbus.store URL
+    TXTHREATBUS_STORE_URL=URL python -m txthreatbus.store
 """
 
 from __future__ import annotations
@@ -39,9 +39,14 @@ class WriteError(Exception):
     """The writer could not write a batch, or is gone; the text says why."""
 
 
-def main(argv) -> int:
-    """Write the frames on stdin to the database at ``argv[1]``, until stdin ends."""
-    database = Database(argv[1])
+#: The environment variable that names the writer's database (not an
+#: argument: a password in the URL would show in ps).
+URL_VARIABLE = "TXTHREATBUS_STORE_URL"
+
+
+def main(environ) -> int:
+    """Write the frames on stdin to the database ``environ`` names, until stdin ends."""
+    database = Database(environ[URL_VARIABLE])
     database.open()
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     try:
