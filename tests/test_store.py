@@ -233,6 +233,8 @@ class StoreServiceTests(TestCase):
         await publish_until_seen(publisher, "threatbus/intel", intel(1), [receiver])
         await recorded(top, {"intel": 1})
         first = store._writer
+        with open(f"/proc/{first.transport.pid}/cmdline", "rb") as f:
+            self.assertNotIn(b"sqlite", f.read())  # the URL (and any password) is not in ps
         first.transport.signalProcess("KILL")
         await first.ended
         for i in range(2, 50):
