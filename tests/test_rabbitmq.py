@@ -604,6 +604,22 @@ class ConnectionTests(SynchronousTestCase):
         self.assertEqual(len(h.fatal), 1)
         self.assertEqual(h.clock.getDelayedCalls(), [])
 
+    def test_wait_for_broker(self):
+        """With wait_for_broker, a broker missing at start is tried again with backoff, each try logged, never fatal."""
+        events = capture_logs(self)
+        h = Harness(self, host="127.0.0.1", port=5999, wait_for_broker=True, reconnect_max_delay=1.0)
+        h.backbone.startService()
+        for attempt in range(3):
+            h.attempts[-1].errback(error.ConnectionRefusedError())
+            h.clock.advance(1.0)
+        warnings = logged(events, LogLevel.warn)
+        self.assertEqual(len(warnings), 3)
+        self.assertIn("cannot reach RabbitMQ at 127.0.0.1:5999", warnings[0])
+        self.assertIn("waiting for the broker (wait_for_broker), next try in 0.25 s", warnings[0])
+        self.assertEqual((h.fatal, logged(events, LogLevel.critical)), ([], []))
+        h.up()
+        self.assertTrue(h.backbone.connected)
+
     def test_first_attempt_timeout_is_fatal(self):
         """A first attempt that does not complete in time is fatal too: never a silent hang."""
         events = capture_logs(self)

@@ -298,6 +298,24 @@ plugins:
         self.assertFalse(os.path.exists(process.pidfile), "twistd.pid is left behind")
 
 
+    async def test_broker_missing_exits_1(self):
+        """With the RabbitMQ broker missing at start, twistd logs why and exits 1, for a supervisor to restart it."""
+        (port,) = free_ports(1)
+        path = write_config(
+            self,
+            f"plugins: {{backbones: {{rabbitmq: {{host: 127.0.0.1, port: {port}}}}}, "
+            f"apps: {{zmq-app: {{manage: 0, pub: 0, sub: 0}}}}}}\nstore: false\n",
+        )
+        process = self.spawn("zmq-app", "--config", path)
+        reason = await self.ended(process)
+        output = process.text()
+        self.assertIsInstance(reason, ProcessTerminated, output)
+        self.assertEqual(reason.exitCode, 1, output)
+        self.assertIn(f"cannot reach RabbitMQ at 127.0.0.1:{port}", output)
+        self.assertNotIn("Traceback", output)
+        self.assertFalse(os.path.exists(process.pidfile), "twistd.pid is left behind")
+
+
 class TwistdBusTests(TestCase):
     """What makeService's top service adds for twistd."""
 

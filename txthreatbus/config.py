@@ -115,6 +115,9 @@ class RabbitMQConfig:
     #: subscribe again first (they notice within a heartbeat, 5 s), so that
     #: what waited in its queue reaches them. 0: consume at once.
     resubscribe_grace: float = attrs.field(default=10.0, validator=non_negative_number)
+    #: Whether a broker that cannot be reached at start is waited for (with
+    #: backoff, each try logged) rather than a reason to stop.
+    wait_for_broker: bool = attrs.field(default=False, validator=boolean)
 
 
 @attrs.frozen

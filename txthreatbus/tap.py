@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from typing import Optional
 
 from twisted.application.service import MultiService
+from twisted.internet.error import ReactorNotRunning
 from twisted.python import usage
 
 from txthreatbus import config as configuration
@@ -52,9 +53,9 @@ class Options(usage.Options):
             raise usage.UsageError(str(e)) from None
 
 
-def _backbone(config, metrics, reactor):
+def _backbone(config, metrics, reactor, on_fatal=None):
     if isinstance(config, configuration.RabbitMQConfig):
-        return RabbitMQBackbone(config, metrics, reactor)
+        return RabbitMQBackbone(config, metrics, reactor, on_fatal=on_fatal)
     return InMemoryBackbone()
 
 
@@ -92,6 +93,23 @@ class TwistdBus(BusService):
             self._remove_pidfile()
             raise SystemExit(f"txthreatbus cannot start: {e}") from None
 
+    def fatal(self, failure) -> None:
+        """
+        The bus cannot work (its backbone's broker was never reached): stop,
+        and end twistd with exit status 1 once stopped, so that a
+        supervisor sees a failure (systemd's ``Restart=on-failure``).
+        """
+        from twisted.internet import reactor
+
+        self._remove_pidfile()
+        # after every service has stopped and logged, before twistd would
+        # end with status 0
+        reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
+        try:
+            reactor.stop()
+        except ReactorNotRunning:  # pragma: no cover - a backbone fails only once it runs
+            os._exit(1)
+
     def _remove_pidfile(self) -> None:
         """Remove the pid file if it is this process's."""
         if not self._pidfile:
@@ -119,7 +137,7 @@ def bus_service(config: configuration.Config, reactor=None, top=None, sockets=No
     top.setName("txthreatbus")
     LoggingService(config.logging).setServiceParent(top)
     metrics = Metrics()
-    backbone = _backbone(config.backbone, metrics, reactor)
+    backbone = _backbone(config.backbone, metrics, reactor, getattr(top, "fatal", None))
     backbone.setServiceParent(top)
     snapshot_timeout = max(app.snapshot_timeout for app in config.apps.values())
     bus = Bus(backbone, reactor, metrics, snapshot_timeout=snapshot_timeout)

@@ -655,6 +655,14 @@ class RabbitMQBackbone(Service):
             log.debug("Connecting to RabbitMQ ended by stopping: {e}", e=_describe(failure.value))
             return
         reason = diagnose(failure, self.config)
+        if not self._was_up and self.config.wait_for_broker:
+            # each try logged: nothing works until the broker is there
+            log.warn(
+                "{reason}; waiting for the broker (wait_for_broker), next try in {delay:g} s",
+                reason=reason,
+                delay=self._schedule_reconnect(),
+            )
+            return
         if not self._was_up:
             log.critical(
                 "{reason}; stopping, as the RabbitMQ backbone cannot work without its broker "
