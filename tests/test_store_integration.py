@@ -148,7 +148,7 @@ plugins:
         process = ProcessOutput()
         argv = [sys.executable, "-c", TWISTD, "-n", "--pidfile", os.path.join(self.workdir, "twistd.pid")]
         reactor.spawnProcess(process, sys.executable, argv + ["zmq-app", "--config", self.config], env=env, path=self.workdir)
-        self.addCleanup(self.kill, process)
+        self.addCleanup(process.kill)
         await wait_for(
             lambda: (
                 f"manage endpoint listening on 127.0.0.1:{self.manage}" in process.text() and "Store open" in process.text()
@@ -159,15 +159,6 @@ plugins:
         )
         self.assertFalse(process.done, process.text())
         return process
-
-    async def kill(self, process):
-        if not process.done:
-            process.transport.signalProcess("KILL")
-            await process.ended
-
-    async def ended(self, process):
-        process.ended.addTimeout(PROCESS_DEADLINE, reactor)
-        return await process.ended
 
     def app(self, ctx: Context) -> App:
         return App(manage=ctx.socket(zmq.REQ, f"tcp://127.0.0.1:{self.manage}"))
@@ -203,7 +194,7 @@ plugins:
         if wait:
             await settle(wait)  # polling shows nothing here: the guarantee is about time
         process.transport.signalProcess(signal)
-        reason = await self.ended(process)
+        reason = await process.finished()
         ctx.ctx.destroy(0)
         return reason, process
 

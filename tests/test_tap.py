@@ -189,6 +189,17 @@ class ProcessOutput(protocol.ProcessProtocol):
     def text(self) -> str:
         return b"".join(self.output).decode("utf-8", "replace")
 
+    async def kill(self) -> None:
+        """SIGKILL the process if it still runs, and wait until it is gone."""
+        if not self.done:
+            self.transport.signalProcess("KILL")
+            await self.ended
+
+    async def finished(self):
+        """How the process ended (a ProcessDone or ProcessTerminated), within PROCESS_DEADLINE."""
+        self.ended.addTimeout(PROCESS_DEADLINE, reactor)
+        return await self.ended
+
 
 class TwistdTests(TestCase):
     """A real ``twistd -n zmq-app`` in a subprocess."""
@@ -204,17 +215,8 @@ class TwistdTests(TestCase):
         process.pidfile = os.path.join(workdir, "twistd.pid")
         argv = [sys.executable, "-c", TWISTD, "-n", "--pidfile", process.pidfile]
         reactor.spawnProcess(process, sys.executable, argv + list(args), env=env, path=workdir)
-        self.addCleanup(self.kill, process)
+        self.addCleanup(process.kill)
         return process
-
-    async def kill(self, process):
-        if not process.done:
-            process.transport.signalProcess("KILL")
-            await process.ended
-
-    async def ended(self, process):
-        process.ended.addTimeout(PROCESS_DEADLINE, reactor)
-        return await process.ended
 
     async def test_run_and_stop(self):
         """twistd serves a subscribe on the configured port and exits cleanly on SIGTERM."""
@@ -246,7 +248,7 @@ plugins:
         self.assertEqual(reply["sub_endpoint"], f"127.0.0.1:{sub}")
 
         process.transport.signalProcess("TERM")
-        reason = await self.ended(process)
+        reason = await process.finished()
         output = process.text()
         # twistd shuts down, then (since Twisted 20.3) ends itself with the
         # signal it got, so that its parent sees why it stopped.
@@ -263,7 +265,7 @@ plugins:
         """twistd with a bad config exits non-zero, naming the key, without a traceback."""
         path = write_config(self, "plugins:\n  apps:\n    zeek:\n      port: 47761\n")
         process = self.spawn("zmq-app", "--config", path)
-        reason = await self.ended(process)
+        reason = await process.finished()
         output = process.text()
         self.assertIsInstance(reason, ProcessTerminated, output)
         self.assertIsNone(reason.signal, output)
@@ -275,7 +277,7 @@ plugins:
         """twistd with an out-of-range port exits non-zero, naming the key."""
         path = write_config(self, "plugins: {apps: {zmq-app: {manage: 70000}}}\n")
         process = self.spawn("zmq-app", "--config", path)
-        reason = await self.ended(process)
+        reason = await process.finished()
         output = process.text()
         self.assertIsInstance(reason, ProcessTerminated, output)
         self.assertNotEqual(reason.exitCode, 0, output)
@@ -289,7 +291,7 @@ plugins:
         port = squatter.bind_to_random_port("tcp://127.0.0.1")
         path = write_config(self, f"plugins: {{apps: {{zmq-app: {{manage: {port}, pub: 0, sub: 0}}}}}}\n")
         process = self.spawn("zmq-app", "--config", path)
-        reason = await self.ended(process)
+        reason = await process.finished()
         output = process.text()
         self.assertIsInstance(reason, ProcessTerminated, output)
         self.assertEqual(reason.exitCode, 1, output)
@@ -307,7 +309,7 @@ plugins:
             f"apps: {{zmq-app: {{manage: 0, pub: 0, sub: 0}}}}}}\nstore: false\n",
         )
         process = self.spawn("zmq-app", "--config", path)
-        reason = await self.ended(process)
+        reason = await process.finished()
         output = process.text()
         self.assertIsInstance(reason, ProcessTerminated, output)
         self.assertEqual(reason.exitCode, 1, output)
