@@ -47,7 +47,6 @@ import json
 import multiprocessing as mp
 import os
 import secrets
-import shlex
 import signal
 import statistics
 import subprocess
@@ -59,6 +58,7 @@ import zmq
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from e2e import endpoints, intel_json, manage, port_open, wait_port  # noqa: E402
+from run import default_reference_venv, reference_threatbus  # noqa: E402
 
 REFERENCE_PACKAGES = ["threatbus==2020.11.26", "threatbus-zmq-app==2020.11.26",
                       "threatbus-inmem==2020.11.26", "threatbus-rabbitmq==2020.11.26",
@@ -104,25 +104,6 @@ QUEUES = {
     "durable": {"durable": "true", "auto_delete": "false", "lazy": "true"},
     "transient": {"durable": "false", "auto_delete": "true", "lazy": "false"},
 }
-
-
-def default_reference_venv() -> str:
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(cache, "txthreatbus-bench", "threatbus-2020.11.26")
-
-
-def reference_threatbus(venv: str) -> str:
-    """The ``threatbus`` console script of the reference's venv, installed first if need be."""
-    threatbus = os.path.join(venv, "bin", "threatbus")
-    done = os.path.join(venv, ".installed")  # written last: a half-made venv is made anew
-    if not os.path.exists(done):
-        print(f"installing the reference ({', '.join(REFERENCE_PACKAGES)}) into {venv}", file=sys.stderr)
-        subprocess.run([sys.executable, "-m", "venv", "--clear", venv], check=True)
-        subprocess.run([os.path.join(venv, "bin", "python"), "-m", "pip", "install", "--quiet",
-                        "--disable-pip-version-check", *REFERENCE_PACKAGES], check=True)
-        with open(done, "w") as f:
-            f.write("\n".join(REFERENCE_PACKAGES) + "\n")
-    return threatbus
 
 
 # --- the broker: names and clean-up
@@ -396,7 +377,7 @@ def main():
     ap.add_argument("-n", type=int, default=10_000, help="Intel items published at A per run")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--skip-reference", action="store_true", help="run txthreatbus alone")
-    ap.add_argument("--reference-venv", default=default_reference_venv(),
+    ap.add_argument("--reference-venv", default=default_reference_venv("threatbus-2020.11.26"),
                     help="the reference's venv, made on first use (default: %(default)s)")
     ap.add_argument("--amqp-host", default="127.0.0.1")
     ap.add_argument("--amqp-port", type=int, default=5672)
@@ -416,7 +397,7 @@ def main():
     ap.add_argument("--json", action="store_true", help="also print the summary as one JSON line")
     args = ap.parse_args()
 
-    threatbus = None if args.skip_reference else reference_threatbus(args.reference_venv)
+    threatbus = None if args.skip_reference else reference_threatbus(args.reference_venv, REFERENCE_PACKAGES)
     systems = ["txthreatbus"] + ([] if args.skip_reference else ["reference"])
     results = {s: [] for s in systems}
     with tempfile.TemporaryDirectory(prefix="txthreatbus-bench-rabbitmq-") as scratch:

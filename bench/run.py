@@ -161,22 +161,23 @@ def try_e2e(e2e: str, args: str, server: str):
         return None
 
 
-def default_reference_venv() -> str:
+def default_reference_venv(name: str = "threatbus-2022.5.16") -> str:
+    """Where a reference ``name`` is installed: a cache, kept between runs."""
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(cache, "txthreatbus-bench", "threatbus-2022.5.16")
+    return os.path.join(cache, "txthreatbus-bench", name)
 
 
-def reference_threatbus(venv: str) -> str:
-    """The ``threatbus`` console script of the reference's venv, installed first if need be."""
+def reference_threatbus(venv: str, packages=REFERENCE_PACKAGES) -> str:
+    """The ``threatbus`` console script of the reference's venv, ``packages`` installed first if need be."""
     threatbus = os.path.join(venv, "bin", "threatbus")
     done = os.path.join(venv, ".installed")  # written last: a half-made venv is made anew
     if not os.path.exists(done):
-        print(f"installing the reference ({', '.join(REFERENCE_PACKAGES)}) into {venv}", file=sys.stderr)
+        print(f"installing the reference ({', '.join(packages)}) into {venv}", file=sys.stderr)
         subprocess.run([sys.executable, "-m", "venv", "--clear", venv], check=True)
         subprocess.run([os.path.join(venv, "bin", "python"), "-m", "pip", "install", "--quiet",
-                        "--disable-pip-version-check", *REFERENCE_PACKAGES], check=True)
+                        "--disable-pip-version-check", *packages], check=True)
         with open(done, "w") as f:
-            f.write("\n".join(REFERENCE_PACKAGES) + "\n")
+            f.write("\n".join(packages) + "\n")
     return threatbus
 
 
