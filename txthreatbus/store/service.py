@@ -100,7 +100,8 @@ class StoreService(Service):
         self._pool = ThreadPool(1, 1, "txthreatbus-store")
         self._queue: deque = deque()
         self._queued_bytes = 0
-        self._writing = False
+        #: The write on its way to the database, if any: one at a time.
+        self._in_flight: Deferred = None
         self._flush_call = None
         self._retry_delay = 0.0
         self._loops = []
@@ -153,8 +154,8 @@ class StoreService(Service):
                 loop.stop()
         if self._flush_call is not None and self._flush_call.active():
             self._flush_call.cancel()
-        while self._writing:
-            await deferLater(self._clock, 0.01, lambda: None)
+        if self._in_flight is not None:
+            await self._in_flight  # never fails: _write_failed handles it
         try:
             while self._queue:
                 await self._write(self._take())
@@ -215,14 +216,15 @@ class StoreService(Service):
 
     def _flush(self) -> None:
         self._flush_call = None
-        if self._writing or not self.running:
+        if self._in_flight is not None or not self.running:
             return
         if not self._queue:
             self._schedule_flush(FLUSH_INTERVAL)
             return
         batch = self._take()
-        self._writing = True
-        self._write(batch).addCallbacks(self._written, self._write_failed, errbackArgs=(batch,))
+        # set before the callbacks, which clear it, even on a write that ends at once
+        self._in_flight = self._write(batch)
+        self._in_flight.addCallbacks(self._written, self._write_failed, errbackArgs=(batch,))
 
     def _write(self, batch) -> Deferred:
         started = self._clock.seconds()
@@ -237,12 +239,12 @@ class StoreService(Service):
         return writer.write(batch).addCallback(done)
 
     def _written(self, _):
-        self._writing = False
+        self._in_flight = None
         self._retry_delay = 0.0
         self._schedule_flush(0 if len(self._queue) >= FLUSH_RECORDS else FLUSH_INTERVAL)
 
     def _write_failed(self, failure, batch):
-        self._writing = False
+        self._in_flight = None
         self._metrics.store_failures.labels("write").inc()
         self._throttle(
             "write_failed",
