@@ -241,7 +241,8 @@ class StoreService(Service):
     def _written(self, _):
         self._in_flight = None
         self._retry_delay = 0.0
-        self._schedule_flush(0 if len(self._queue) >= FLUSH_RECORDS else FLUSH_INTERVAL)
+        if self.running:  # (when stopping, _stop writes what is left)
+            self._schedule_flush(0 if len(self._queue) >= FLUSH_RECORDS else FLUSH_INTERVAL)
 
     def _write_failed(self, failure, batch):
         self._in_flight = None
