@@ -31,6 +31,7 @@ from tests.support import (
     App,
     Context,
     Timeout,
+    connected_apps,
     drain,
     postgresql_schema,
     publish_until_seen,
@@ -260,12 +261,7 @@ class StoreBrokerTests(BrokerTestCase):
         ctx = Context(self)
         publisher = App.on(ctx, one)
         await publisher.subscribe(ctx, "threatbus/sighting", connect_sub=False)
-        watchers = []
-        for top in (one, two):
-            app = App.on(ctx, top)
-            await app.subscribe(ctx, "threatbus")
-            await app.wait_connected(top)
-            watchers.append(app)
+        watchers = [(await connected_apps(ctx, top, "threatbus"))[0] for top in (one, two)]
         await publish_until_seen(publisher, "threatbus/intel", intel_json("probe"), watchers)
         publisher.publish("threatbus/intel", intel_json("the-one"))
         publisher.publish("threatbus/sighting", sighting_json("the-one", "seen-once"))
