@@ -99,6 +99,19 @@ class QueueConfig:
 
 
 @attrs.frozen
+class TlsConfig:
+    #: PEM file of the CAs that sign the broker's certificate; none: the system's.
+    ca_file: Optional[str] = attrs.field(default=None, validator=optional_string)
+    #: PEM files of a client certificate and its key, for brokers that ask for one.
+    cert_file: Optional[str] = attrs.field(default=None, validator=optional_string)
+    key_file: Optional[str] = attrs.field(default=None, validator=optional_string)
+
+    def __attrs_post_init__(self):
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ConfigError("cert_file and key_file go together")
+
+
+@attrs.frozen
 class RabbitMQConfig:
     host: str = attrs.field(default="localhost", validator=string)
     port: int = attrs.field(default=5672, validator=port)
@@ -118,6 +131,12 @@ class RabbitMQConfig:
     #: Whether a broker that cannot be reached at start is waited for (with
     #: backoff, each try logged) rather than a reason to stop.
     wait_for_broker: bool = attrs.field(default=False, validator=boolean)
+    #: Bytes of messages of one type published in one reactor turn that go to
+    #: the broker as one AMQP message (a batch); 0: one AMQP message each, as
+    #: Threat Bus 2020.11.26 reads them (for a broker shared with it).
+    batch_bytes: int = attrs.field(default=256 << 10, validator=non_negative_int)
+    #: TLS to the broker (amqps): ``ssl: {ca_file, cert_file, key_file}``.
+    ssl: Optional[TlsConfig] = attrs.field(default=None, metadata={"section": TlsConfig})
 
 
 @attrs.frozen
@@ -368,6 +387,8 @@ def _build(cls, value, path: str):
         kwargs[name] = v
     try:
         return cls(**kwargs)
+    except ConfigError as e:  # keys that go together
+        raise ConfigError(f"{path}: {e}") from None
     except ValueError as e:
         # a required key left at its (invalid) default
         missing = [f.name for f in attrs.fields(cls) if f.name not in mapping]
