@@ -29,7 +29,6 @@ from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, fail, succeed
 from twisted.internet.protocol import Factory
-from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -70,8 +69,8 @@ class _Session:
     publisher: object  # TwistedChannel in confirm mode
     consumer: object  # TwistedChannel with the topology declared
     lost: bool = False
-    #: Consuming: waiting for the grace period to end, then the consumers.
-    consuming: Optional[Deferred] = None
+    #: The start of consuming, while it waits for the grace period to end.
+    consuming: Optional[object] = None  # IDelayedCall
 
 
 def _follow(source: Deferred) -> Deferred:
@@ -282,26 +281,27 @@ class RabbitMQBackbone(Service):
             d.addErrback(self._bug, "handling a lost connection")
         self._outbox.connected(session.publisher)
         wait = max(0.0, self._consume_from - self._clock.seconds())
-        d = session.consuming = deferLater(
-            self._clock, wait, lambda: ensureDeferred(self._consume(session))
-        )
-        d.addErrback(self._consuming_failed, session)
-        d.addErrback(self._bug, "consuming")
+        session.consuming = self._clock.callLater(wait, self._consume, session)
 
-    async def _consume(self, session: _Session) -> None:
+    def _consume(self, session: _Session) -> None:
         """Consume from every queue (what waited meanwhile stayed the broker's)."""
-        if session.lost:
-            return
+        session.consuming = None
+        self._watch(ensureDeferred(self._start_consumers(session)), session)
+
+    async def _start_consumers(self, session: _Session) -> None:
         alive = lambda: not (session.lost or self._stopping)  # noqa: E731
-        loops = []
         for kind, queue in self.topology.queues.items():
+            if not alive():
+                return
             messages, _tag = await session.consumer.basic_consume(queue=queue)
-            loops.append(ensureDeferred(self._inbox.consume(kind, messages, alive)))
-        await defer.gatherResults(loops, consumeErrors=True)
+            self._watch(ensureDeferred(self._inbox.consume(kind, messages, alive)), session)
+
+    def _watch(self, consuming: Deferred, session: _Session) -> None:
+        """A failure of ``consuming`` breaks ``session`` (unless it is over anyway)."""
+        consuming.addErrback(self._consuming_failed, session)
+        consuming.addErrback(self._bug, "consuming")
 
     def _consuming_failed(self, failure: Failure, session: _Session) -> None:
-        if isinstance(failure.value, defer.FirstError):
-            failure = failure.value.subFailure
         if not (session.lost or self._stopping):
             self._down(session, failure.value)
 
@@ -328,8 +328,9 @@ class RabbitMQBackbone(Service):
         if self._session is session:
             self._session = None
             self._outbox.disconnected()
-        if session.consuming is not None:
+        if session.consuming is not None and session.consuming.active():
             session.consuming.cancel()
+        session.consuming = None
 
     # --- the first connection
 
