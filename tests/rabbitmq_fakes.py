@@ -225,6 +225,8 @@ class FakeConnection(Protocol):
         self.answers_close = True
         #: an exception that channel() fails with
         self.refuse_channel: Optional[Exception] = None
+        #: channel number -> {method name: the exception the broker answers it with}
+        self.channel_refusals: dict = {}
         #: an event list for the consumer channel's acks
         self.events: Optional[list] = None
         self._lost_waiters: Optional[List[Deferred]] = []
@@ -238,6 +240,7 @@ class FakeConnection(Protocol):
             return fail(self.refuse_channel)
         channel = FakeChannel(self, len(self.channels) + 1)
         channel.events = self.events
+        channel.refuse.update(self.channel_refusals.get(channel.number, {}))
         self.channels.append(channel)
         return succeed(channel)
 
