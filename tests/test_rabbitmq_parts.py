@@ -166,7 +166,7 @@ class DiagnosisTests(SynchronousTestCase):
             self.text(error.ConnectionRefusedError()),
             "cannot reach RabbitMQ at mq:5673: Connection was refused by other side",
         )
-        self.assertIn("RabbitMQ at mq:5673: DNSLookupError: DNS lookup failed: mq", self.text(error.DNSLookupError("mq")))
+        self.assertEqual(self.text(error.DNSLookupError("mq")), "cannot reach RabbitMQ at mq:5673: DNS lookup failed: mq")
 
     def test_credentials(self):
         """403: the credentials."""

@@ -46,7 +46,7 @@ def diagnose(failure: Failure, config: RabbitMQConfig) -> str:
         return f"RabbitMQ at {where} refused to set up the exchanges and queues: {describe(e)}"
     if isinstance(e, defer.TimeoutError):
         return f"RabbitMQ at {where} did not answer within {CONNECT_TIMEOUT:g} s"
-    if isinstance(e, neterror.ConnectError):
+    if isinstance(e, (neterror.ConnectError, neterror.DNSLookupError)):
         return f"cannot reach RabbitMQ at {where}: " + str(e).strip().rstrip(".")
     if isinstance(e, (neterror.ConnectionDone, neterror.ConnectionLost, amqp.AMQPConnectionError)):
         return f"RabbitMQ at {where} closed the connection while opening it ({describe(e)})"

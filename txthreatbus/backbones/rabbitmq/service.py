@@ -120,8 +120,10 @@ class RabbitMQBackbone(Service):
         self._inbox: Optional[Inbox] = None
         connector = connector or default_connector(config, clock)
         factory = _ProtocolFactory(connector.protocol)
+        # ClientService counts from 1: the first retry waits initialDelay * factor
         self._backoff = backoffPolicy(
-            initialDelay=min(FIRST_RETRY_DELAY, config.reconnect_max_delay),
+            initialDelay=min(FIRST_RETRY_DELAY, config.reconnect_max_delay) / 2,
+            factor=2,
             maxDelay=config.reconnect_max_delay,
         )
         self._endpoint = GatedEndpoint(connector.endpoint, self._could_not_connect)
