@@ -122,8 +122,10 @@ class Instance:
         workdir: str,
         backbone: Optional[dict] = None,
         port: Optional[int] = None,
+        host: str = "127.0.0.1",
     ):
         self.name = name
+        self.host = host
         self.node = node
         self.tag = tag
         self.workdir = workdir
@@ -142,7 +144,7 @@ class Instance:
 
     def config(self, grace: float) -> dict:
         rabbitmq = {
-            "host": "127.0.0.1",
+            "host": self.host,
             "port": self.port,
             "username": self.node.username,
             "password": self.node.password,
@@ -378,14 +380,15 @@ class Rig:
         n: int,
         backbone: Optional[dict] = None,
         port: Optional[int] = None,
+        host: str = "127.0.0.1",
     ):
         self.node = node
         self.tag = "f" + secrets.token_hex(4)
         self.workdir = os.path.join(workdir, self.tag)
         os.makedirs(self.workdir)
         self.n = n
-        self.a = Instance("A", node, self.tag, self.workdir, backbone, port)
-        self.b = Instance("B", node, self.tag, self.workdir, backbone, port)
+        self.a = Instance("A", node, self.tag, self.workdir, backbone, port, host)
+        self.b = Instance("B", node, self.tag, self.workdir, backbone, port, host)
         self.prefix = f"{self.tag}-"
         self.subscribers = {"A": Subscriber("A", self.prefix, n), "B": Subscriber("B", self.prefix, n)}
         self.clients: List[Client] = []

@@ -171,12 +171,15 @@ class RabbitMQNode:
 
     @ivar name: the node name, ``txtb-<random>@localhost``.
     @ivar amqp_port: its AMQP port on 127.0.0.1.
-    @ivar amqps_port: its AMQPS port on 127.0.0.1 (``tls=True``), else None.
+    @ivar amqps_port: its AMQPS port on 127.0.0.1 (``tls=True``), else None;
+        also on 127.0.0.2, which the broker's certificate does not name.
     @ivar dist_port: its Erlang distribution port.
     @ivar directory: the temporary directory with all its files.
     @ivar ca_file: the CA that signed the broker's certificate (``tls=True``).
     @ivar wrong_ca_file: a CA that has nothing to do with it (``tls=True``).
-    @ivar client_cert_file, client_key_file: a client certificate of ``ca_file``.
+    @ivar client_cert_file, client_key_file: a client certificate of ``ca_file``
+        (the node asks for one and, with ``require_client_certificate``,
+        refuses TLS clients without).
     @ivar start_seconds: how long each start took.
     """
 
@@ -185,9 +188,10 @@ class RabbitMQNode:
     password = "guest"
     vhost = "/"
 
-    def __init__(self, tls: bool = False, prefix: str = "txtb"):
+    def __init__(self, tls: bool = False, require_client_certificate: bool = False, prefix: str = "txtb"):
         self.name = f"{prefix}-{secrets.token_hex(4)}@localhost"
         self.tls = tls
+        self.require_client_certificate = require_client_certificate
         ports = free_ports(3 if tls else 2)
         self.amqp_port, self.dist_port = ports[0], ports[1]
         self.amqps_port = ports[2] if tls else None
@@ -239,11 +243,14 @@ class RabbitMQNode:
             self.wrong_ca_file = wrong[0]
             lines += [
                 f"listeners.ssl.1 = 127.0.0.1:{self.amqps_port}",
+                # a loopback address that the certificate does not name, for
+                # host-name verification tests
+                f"listeners.ssl.2 = 127.0.0.2:{self.amqps_port}",
                 f"ssl_options.cacertfile = {self.ca_file}",
                 f"ssl_options.certfile = {self.server_cert_file}",
                 f"ssl_options.keyfile = {self.server_key_file}",
                 "ssl_options.verify = verify_peer",
-                "ssl_options.fail_if_no_peer_cert = false",
+                f"ssl_options.fail_if_no_peer_cert = {str(self.require_client_certificate).lower()}",
             ]
         with open(os.path.join(self.directory, "rabbitmq.conf"), "w") as f:
             f.write("\n".join(lines) + "\n")
@@ -484,13 +491,13 @@ def _alive(pid: int) -> bool:
         return os.path.exists(f"/proc/{pid}")
 
 
-def node_for(testcase, tls: bool = False) -> "RabbitMQNode":
+def node_for(testcase, tls: bool = False, **options) -> "RabbitMQNode":
     """
     A node of ``testcase``'s own, not started yet (start it in a thread),
     killed and removed at the end of the test; or SkipTest (fail in CI)
     when RabbitMQ is not installed.
     """
     require_rabbitmq(testcase, tls)
-    node = RabbitMQNode(tls=tls)
+    node = RabbitMQNode(tls=tls, **options)
     testcase.addCleanup(node.cleanup)
     return node
