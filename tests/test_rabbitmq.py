@@ -394,7 +394,7 @@ class BackboneBrokerTests(BrokerTestCase):
         exchanges = {e["name"]: e for e in listed}
         for kind in KINDS:
             exchange = exchanges[b1.topology.exchanges[kind]]
-            self.assertEqual((exchange["type"], exchange["durable"]), ("fanout", False))
+            self.assertEqual((exchange["type"], exchange["durable"]), ("fanout", True))
 
     async def test_wrong_credentials(self):
         """Refused credentials: one clear critical line, and on_fatal; no silent hang."""
@@ -417,6 +417,17 @@ class BackboneBrokerTests(BrokerTestCase):
         critical = await self.start_failure(changed)
         self.assertIn("refused to set up the exchanges and queues: 406 PRECONDITION_FAILED", critical)
         self.assertIn("x-queue-mode", critical)
+
+    async def test_transient_exchanges_of_threat_bus(self):
+        """Exchanges declared transient (as Threat Bus does): refused with what to do; durable_exchanges: false joins them."""
+        channel = await self.channel()
+        for kind in KINDS:  # deleted at the end of the test, as every test's
+            await channel.exchange_declare(exchange=f"threatbus.{self.tag}.{kind}", exchange_type="fanout")
+        critical = await self.start_failure(self.config("a"))
+        self.assertIn("inequivalent arg 'durable' for exchange", critical)
+        self.assertIn("set durable_exchanges as they are", critical)
+        backbone, _ = self.backbone(self.config("b", durable_exchanges=False))
+        await wait_for(lambda: backbone.connected, what="the backbone to connect")
 
 
 class UnreachableBrokerTests(TestCase):

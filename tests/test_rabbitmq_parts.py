@@ -64,9 +64,16 @@ class TopologyTests(SynchronousTestCase):
         )
 
     def test_declare(self):
-        """Each type: a transient fanout exchange, its queue with the configured options, bound to it."""
+        """Each type: a durable fanout exchange, its queue with the configured options, bound to it."""
+        self.declared(durable_exchanges=True)
+
+    def test_declare_transient_exchanges(self):
+        """durable_exchanges: false declares them as Threat Bus does."""
+        self.declared(durable_exchanges=False)
+
+    def declared(self, durable_exchanges: bool):
         queue = QueueConfig(name_suffix="box1", durable=False, auto_delete=True, exclusive=True, max_items=9)
-        topology = Topology.of(RabbitMQConfig(queue=queue))
+        topology = Topology.of(RabbitMQConfig(queue=queue, durable_exchanges=durable_exchanges))
         channel = FakeChannel(FakeConnection(), 1)
         self.successResultOf(defer.ensureDeferred(topology.declare(channel)))
         calls = channel.calls
@@ -76,7 +83,7 @@ class TopologyTests(SynchronousTestCase):
             self.assertEqual(
                 exchange,
                 ("exchange_declare", dict(exchange=f"threatbus.{kind}", exchange_type=ExchangeType.fanout,
-                                          durable=False)),
+                                          durable=durable_exchanges)),
             )
             self.assertEqual(
                 declared,
@@ -195,6 +202,14 @@ class DiagnosisTests(SynchronousTestCase):
             "RabbitMQ at mq:5673 refused to set up the exchanges and queues: "
             "406 PRECONDITION_FAILED - inequivalent arg",
         )
+
+    def test_exchange_durability_refused(self):
+        """An exchange declared transient before (Threat Bus, an earlier txthreatbus): the line says what to do."""
+        text = self.text(amqp.ChannelClosedByBroker(
+            406, "PRECONDITION_FAILED - inequivalent arg 'durable' for exchange 'threatbus.intel' in vhost '/'"
+        ))
+        self.assertIn("refused to set up the exchanges and queues: 406 PRECONDITION_FAILED", text)
+        self.assertIn("set durable_exchanges as they are, or delete them", text)
 
     def test_timeout(self):
         self.assertEqual(

@@ -135,6 +135,12 @@ class RabbitMQConfig:
     #: the broker as one AMQP message (a batch); 0: one AMQP message each, as
     #: Threat Bus 2020.11.26 reads them (for a broker shared with it).
     batch_bytes: int = attrs.field(default=256 << 10, validator=non_negative_int)
+    #: Whether the exchanges survive a broker restart, and with them the
+    #: bindings of durable queues: without it, what is published after a
+    #: restart reaches an instance only once it has bound its queues again.
+    #: false: transient, as Threat Bus 2020.11.26 declares them (for a
+    #: broker shared with it).
+    durable_exchanges: bool = attrs.field(default=True, validator=boolean)
     #: TLS to the broker (amqps): ``ssl: {ca_file, cert_file, key_file}``.
     ssl: Optional[TlsConfig] = attrs.field(default=None, metadata={"section": TlsConfig})
 

@@ -89,14 +89,28 @@ class Connection(TwistedProtocolConnection):
 
 def _is_tls_error(reason: Failure) -> bool:
     from OpenSSL import SSL
+    from service_identity import VerificationError
 
-    return reason.check(SSL.Error) is not None
+    return reason.check(SSL.Error, VerificationError) is not None
 
 
 def _tls_reason(e: BaseException) -> str:
-    """OpenSSL's reasons in ``e``, e.g. ``certificate verify failed``."""
+    """
+    Why TLS failed, from OpenSSL's reasons (``certificate verify failed``)
+    or service_identity's mismatches (the certificate is for another host).
+    """
+    from service_identity import VerificationError
+
+    if isinstance(e, VerificationError):
+        ids = [getattr(error, "mismatched_id", None) for error in e.errors]
+        names = sorted({str(getattr(i, "ip", None) or _text(getattr(i, "hostname", i))) for i in ids})
+        return "the broker's certificate is not for " + ", ".join(names)
     reasons = [part[2] for part in (e.args[0] if e.args and isinstance(e.args[0], list) else ()) if len(part) > 2]
     return ", ".join(r for r in reasons if r) or str(e) or type(e).__name__
+
+
+def _text(value) -> str:
+    return value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)
 
 
 @attrs.frozen

@@ -43,7 +43,13 @@ def diagnose(failure: Failure, config: RabbitMQConfig) -> str:
             )
         return f"RabbitMQ at {where} closed the connection: {describe(e)}"
     if isinstance(e, amqp.ChannelClosedByBroker):
-        return f"RabbitMQ at {where} refused to set up the exchanges and queues: {describe(e)}"
+        line = f"RabbitMQ at {where} refused to set up the exchanges and queues: {describe(e)}"
+        if "'durable' for exchange" in str(e.reply_text):
+            line += (
+                " (the exchange exists with the other durability: declared by Threat Bus or "
+                "an earlier txthreatbus; set durable_exchanges as they are, or delete them)"
+            )
+        return line
     if isinstance(e, defer.TimeoutError):
         return f"RabbitMQ at {where} did not answer within {CONNECT_TIMEOUT:g} s"
     if isinstance(e, (neterror.ConnectError, neterror.DNSLookupError)):

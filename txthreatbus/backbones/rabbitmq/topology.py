@@ -1,9 +1,9 @@
 """
 What the backbone declares on the broker, in the layout of Threat Bus
 2020.11.26's RabbitMQ backbone: one fanout exchange per message type
-(``threatbus.intel``, ``threatbus.sighting``, ...), transient and redeclared
-on every connect as Threat Bus declares them, and one queue per instance and
-type, ``threatbus.<type>.<name_suffix or hostname>``, bound to it; names are
+(``threatbus.intel``, ``threatbus.sighting``, ...), redeclared on every
+connect, durable unless ``durable_exchanges`` is false (Threat Bus declares
+them transient), and one queue per instance and type, ``threatbus.<type>.<name_suffix or hostname>``, bound to it; names are
 joined with ``naming_join_pattern``.
 """
 
@@ -50,6 +50,7 @@ class Topology:
     queues: Dict[str, str]
     queue: QueueConfig
     arguments: dict
+    durable_exchanges: bool = True
 
     @classmethod
     def of(cls, config: RabbitMQConfig) -> "Topology":
@@ -61,6 +62,7 @@ class Topology:
             queues={kind: queue_name(join, kind, suffix) for kind in kinds},
             queue=config.queue,
             arguments=queue_arguments(config.queue),
+            durable_exchanges=config.durable_exchanges,
         )
 
     async def declare(self, channel) -> None:
@@ -68,7 +70,7 @@ class Topology:
         queue = self.queue
         for kind, exchange in self.exchanges.items():
             await channel.exchange_declare(
-                exchange=exchange, exchange_type=ExchangeType.fanout, durable=False
+                exchange=exchange, exchange_type=ExchangeType.fanout, durable=self.durable_exchanges
             )
             await channel.queue_declare(
                 queue=self.queues[kind],
