@@ -99,11 +99,12 @@ class MetricsEndpointTests(TestCase):
         self.assertIn(b"# TYPE txthreatbus_messages_received_total counter", body)
         self.assertIn(b"# TYPE txthreatbus_subscriptions gauge", body)
 
-    async def test_only_metrics_path(self):
-        """Other paths than /metrics are not found."""
+    async def test_only_known_paths(self):
+        """Other paths than /metrics and the status page's (/, /status.json) are not found."""
         top = metrics_bus(self)
-        response, _ = await get(top.getServiceNamed("metrics").port, b"/")
-        self.assertEqual(response.code, 404)
+        for path in (b"/other", b"/metrics.json", b"/x/"):
+            response, _ = await get(top.getServiceNamed("metrics").port, path)
+            self.assertEqual((path, response.code), (path, 404))
 
     async def test_no_access_log(self):
         """Requests leave no log line each: a peer cannot fill the log through the metrics port."""

@@ -300,6 +300,10 @@ class Bus(Service):
         """How many snapshots are waiting for answers."""
         return len(self._snapshots)
 
+    def status(self) -> dict:
+        """What the status page shows of the bus core."""
+        return {"snapshots_pending": len(self._snapshots)}
+
     def stopService(self):
         for snapshot_id in list(self._snapshots):
             self.finish_snapshot(snapshot_id)

@@ -16,6 +16,8 @@ from twisted.internet.endpoints import serverFromString
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from txthreatbus.status import StatusJSON, StatusPage
+
 _TYPES = ("intel", "sighting", "indicator", "stix_sighting", "snapshotrequest", "snapshotenvelope")
 
 
@@ -162,6 +164,21 @@ class Metrics:
         """Count ``count`` things dropped for ``reason``."""
         self._dropped.labels(reason).inc(count)
 
+    def counts(self) -> dict:
+        """
+        The counters that the status page turns into rates, as plain
+        numbers: messages received from and published to apps, unrouted,
+        and dropped (in all, and as ``dropped:<reason>`` each).
+        """
+        dropped = {f"dropped:{key[0]}": child.value for key, child in self._dropped.children.items()}
+        return {
+            "received": sum(child.value for child in self.received.values()),
+            "published": sum(child.value for child in self.published.values()),
+            "unrouted": sum(child.value for child in self.unrouted.values()),
+            "dropped": sum(dropped.values()),
+            **dropped,
+        }
+
     def dropped(self, reason: str) -> float:
         """How many things were dropped for ``reason``."""
         return self.registry.get_sample_value("txthreatbus_dropped_total", {"reason": reason}) or 0
@@ -170,10 +187,18 @@ class Metrics:
 class MetricsService(StreamServerEndpointService):
     """
     The metrics web service; ``port`` is the TCP port it listens on while it
-    runs (what ``port: 0`` in the config got), else None.
+    runs (what ``port: 0`` in the config got), else None. ``status``, if
+    any, is the ``txthreatbus.status.Status`` it serves, started and stopped
+    with it.
     """
 
     port = None
+    status = None
+
+    def startService(self):
+        super().startService()
+        if self.status is not None:
+            self.status.start()
 
     def privilegedStartService(self):
         super().privilegedStartService()
@@ -186,6 +211,8 @@ class MetricsService(StreamServerEndpointService):
 
     def stopService(self):
         self.port = None
+        if self.status is not None:
+            self.status.stop()
         return super().stopService()
 
 
@@ -196,14 +223,22 @@ class QuietSite(Site):
         pass
 
 
-def metrics_service(metrics: Metrics, host: str, port: int, reactor=None):
-    """A service serving ``metrics`` in Prometheus text format on ``/metrics``."""
+def metrics_service(metrics: Metrics, host: str, port: int, reactor=None, status=None):
+    """
+    A service serving ``metrics`` in Prometheus text format on ``/metrics``
+    and, given a ``txthreatbus.status.Status``, the status page on ``/`` and
+    ``/status.json``.
+    """
     root = Resource()
     root.putChild(b"metrics", MetricsResource(registry=metrics.registry))
+    if status is not None:
+        root.putChild(b"", StatusPage(status))
+        root.putChild(b"status.json", StatusJSON(status))
     description = f"tcp:{port}:interface={host.replace(':', chr(92) + ':')}"
     if reactor is None:
         from twisted.internet import reactor
     service = MetricsService(serverFromString(reactor, description), QuietSite(root))
+    service.status = status
     # as strports.service does: a port in use aborts start-up
     service._raiseSynchronously = True
     return service

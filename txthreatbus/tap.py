@@ -27,6 +27,7 @@ from txthreatbus.bus import Bus
 from txthreatbus.logs import LoggingService
 from txthreatbus.metrics import Metrics, metrics_service
 from txthreatbus.services import BusService
+from txthreatbus.status import Status
 
 
 class Options(usage.Options):
@@ -144,6 +145,7 @@ def bus_service(config: configuration.Config, reactor=None, top=None, sockets=No
     bus.setName("bus")
     bus.setServiceParent(top)
     backbone.attach(bus.deliver)
+    store, apps = None, []
     if config.store is not None:
         # SQLAlchemy loads only where there is a store
         from txthreatbus.store import Database, StoreService
@@ -158,8 +160,10 @@ def bus_service(config: configuration.Config, reactor=None, top=None, sockets=No
         app.setName(name)
         app.setServiceParent(top)
         bus.add_app(app)
+        apps.append(app)
     if config.metrics is not None:
-        web = metrics_service(metrics, config.metrics.host, config.metrics.port, reactor)
+        status = Status(reactor, bus, backbone, apps, store)
+        web = metrics_service(metrics, config.metrics.host, config.metrics.port, reactor, status)
         web.setName("metrics")
         web.setServiceParent(top)
     return top

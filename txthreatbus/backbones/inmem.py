@@ -20,3 +20,7 @@ class InMemoryBackbone(Service):
 
     def publish(self, message):
         self._deliver(message)
+
+    def status(self) -> dict:
+        """What the status page shows of the backbone."""
+        return {"kind": "inmem"}

@@ -108,6 +108,9 @@ class StoreService(Service):
         self._opened: Deferred = None
         self._writer: WriterProcess = None
         self._retry_open = None
+        #: Whether the database is open; the record counts by kind, as last counted.
+        self._open_now = False
+        self._counts = None
 
     # --- lifecycle
 
@@ -120,6 +123,7 @@ class StoreService(Service):
     def _started(self, _):
         if not self.running:
             return
+        self._open_now = True
         log.info("Store open: {url}", url=safe_url(self.database.url))
         for interval, work in ((COUNT_INTERVAL, self._count), (PRUNE_INTERVAL, self._prune)):
             loop = LoopingCall(work)
@@ -147,6 +151,7 @@ class StoreService(Service):
         self._opened.addCallbacks(self._started, self._failed_to_open)
 
     async def _stop(self):
+        self._open_now = False
         if self._retry_open is not None and self._retry_open.active():
             self._retry_open.cancel()
         for loop in self._loops:
@@ -188,6 +193,29 @@ class StoreService(Service):
         self._clock.spawnProcess(writer, sys.executable, [sys.executable, "-m", "txthreatbus.store"], env=env)
         self._writer = writer
         return writer
+
+    def status(self) -> dict:
+        """
+        What the status page shows of the store: its URL without password,
+        its state, the records it held when last counted (every
+        ``COUNT_INTERVAL``; None before), and what waits to be written.
+        """
+        if not self.running:
+            state = "stopped"
+        elif self._retry_open is not None and self._retry_open.active():
+            state = "cannot open, retrying"
+        elif not self._open_now:
+            state = "opening"
+        elif self._retry_delay:
+            state = "writes failing, retrying"
+        else:
+            state = "open"
+        return {
+            "url": safe_url(self.database.url),
+            "state": state,
+            "records": None if self._counts is None else dict(self._counts),
+            "queue": {"records": len(self._queue), "bytes": self._queued_bytes},
+        }
 
     # --- recording
 
@@ -265,6 +293,7 @@ class StoreService(Service):
 
     def _count(self) -> Deferred:
         def publish(counts):
+            self._counts = {kind: counts.get(kind, 0) for kind in _KINDS}
             for kind in _KINDS:
                 self._metrics.store_records.labels(kind).value = counts.get(kind, 0)
 

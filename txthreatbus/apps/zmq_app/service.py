@@ -101,6 +101,23 @@ class ZmqAppService(MultiService):
         """The bound ports by config key (``manage``, ``pub``, ``sub``)."""
         return {key: self._endpoints[key].port for key in ENDPOINTS}
 
+    def status(self, limit: int) -> dict:
+        """
+        What the status page shows of this plugin: where it listens, and its
+        first ``limit`` subscriptions (``Subscriptions.status``).
+        """
+        return {
+            "name": self.name,
+            "host": self.config.host,
+            "advertised_host": advertised_host(self.config),
+            "ports": self.ports,
+            "curve": bool(self.sockets.curve),
+            "subscription_count": len(self.subscriptions),
+            "held_snapshot_requests": self.subscriptions.held_requests(),
+            "buffered_bytes": self.publisher.held_bytes,
+            "subscriptions": self.subscriptions.status(limit),
+        }
+
     # --- endpoints
 
     def _open_publisher(self):

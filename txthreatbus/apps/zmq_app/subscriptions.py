@@ -21,6 +21,7 @@ import secrets
 import string
 from collections import deque
 from datetime import timedelta
+from itertools import islice
 from typing import Dict, Optional, Tuple
 
 import attrs
@@ -34,6 +35,8 @@ log = Logger(observer=logs.publisher)
 
 #: Letters in a point-to-point topic.
 P2P_LENGTH = 32
+#: Letters of a point-to-point topic that the status page shows.
+P2P_SHOWN = 4
 
 # Random bytes become letters: byte b is letter b % 26, and bytes of 234 and
 # above (26 * 9) are dropped, so that every letter is equally likely.
@@ -60,7 +63,8 @@ class AppSubscription:
 
     __slots__ = (
         "p2p", "prefix", "topics", "stix", "peer", "publisher", "readers", "pending",
-        "pending_bytes", "timer", "snapshot_id", "requests_seen", "__weakref__",
+        "pending_bytes", "timer", "snapshot_id", "requests_seen", "since", "heartbeat_at",
+        "__weakref__",
     )
 
     def __init__(self, p2p: str, topics: Tuple[str, ...], peer: str, publisher):
@@ -82,6 +86,9 @@ class AppSubscription:
         self.snapshot_id: Optional[str] = None
         #: The snapshot requests up to this number were sent, or not owed.
         self.requests_seen = 0
+        #: When it subscribed, and when its last heartbeat came (None: none yet).
+        self.since = 0.0
+        self.heartbeat_at: Optional[float] = None
 
     @property
     def ready(self) -> bool:
@@ -168,6 +175,7 @@ class Subscriptions:
             p2p = new_p2p_topic()
         sub = AppSubscription(p2p, topics, peer, self._publisher)
         sub.requests_seen = self._request_number
+        sub.since = self._clock.seconds()
         self._by_p2p[p2p] = sub
         self._by_peer[peer] = self._by_peer.get(peer, 0) + 1
         if self._timeout:
@@ -272,6 +280,30 @@ class Subscriptions:
         if held is not None and held.timer.active():
             held.timer.cancel()
 
+    def status(self, limit: int) -> list:
+        """
+        The first ``limit`` subscriptions, for the status page, as plain
+        dicts: no more is read than shown, however many there are. A P2P
+        topic lets whoever knows it read the app's stream: only its first
+        ``P2P_SHOWN`` letters are given.
+        """
+        now = self._clock.seconds()
+        return [
+            {
+                "generation": "stix" if sub.stix else "2020",
+                "topics": list(sub.topics),
+                "p2p": sub.p2p[:P2P_SHOWN] + "\u2026",
+                "peer": sub.peer,
+                "age_seconds": now - sub.since,
+                "last_heartbeat_seconds_ago": None if sub.heartbeat_at is None else now - sub.heartbeat_at,
+                "ready": sub.ready,
+                "snapshot": sub.snapshot_id is not None,
+                "buffered_frames": len(sub.pending) if sub.pending is not None else 0,
+                "buffered_bytes": sub.pending_bytes,
+            }
+            for sub in islice(self._by_p2p.values(), max(0, limit))
+        ]
+
     def held_requests(self) -> int:
         """How many snapshot requests are held."""
         return len(self._requests)
@@ -283,6 +315,7 @@ class Subscriptions:
         sub = self._by_p2p.get(p2p)
         if sub is None:
             return False
+        sub.heartbeat_at = self._clock.seconds()
         if sub.timer is not None:
             sub.timer.reset(self._timeout)
         return True

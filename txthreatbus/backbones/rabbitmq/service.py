@@ -162,6 +162,17 @@ class RabbitMQBackbone(Service):
         """What the messages counted by ``pending`` count against ``buffer_bytes``."""
         return self._outbox.pending_bytes
 
+    def status(self) -> dict:
+        """What the status page shows of the backbone (nothing secret: no credentials)."""
+        return {
+            "kind": "rabbitmq",
+            "connected": self.connected,
+            "address": self.address,
+            "vhost": self.config.vhost,
+            "pending_messages": self.pending,
+            "pending_bytes": self.pending_bytes,
+        }
+
     def whenReady(self) -> Deferred:
         """Fires once the first connection is up; fails if it never will (see on_fatal)."""
         if self._failed is not None:
