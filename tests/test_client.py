@@ -11,10 +11,8 @@ from datetime import datetime, timedelta
 
 import attrs
 import zmq
-from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
-from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from txthreatbus import codec, logs, stix
@@ -45,6 +43,13 @@ from txthreatbus.model import (
     SnapshotEnvelope,
     SnapshotRequest,
 )
+from txthreatbus.testing import (
+    FakeManage,
+    FakePublisher,
+    FakeSubscriber,
+    FakeTransport,
+    subscribe_reply as reply_for,
+)
 from tests.support import App, Context, publish_until_seen, start_bus, wait_for, zmq_app_of
 
 INTEL = Intel(
@@ -69,108 +74,6 @@ INDICATOR = stix.Indicator(
 )
 P2P = "a" * 32
 P2P_2 = "b" * 32
-
-
-def reply_for(p2p=P2P, pub="127.0.0.1:13371", sub="127.0.0.1:13372"):
-    return {"topic": p2p, "pub_endpoint": pub, "sub_endpoint": sub, "status": "success"}
-
-
-# --- fakes
-
-
-@implementer(IManageSocket)
-class FakeManage:
-    def __init__(self, endpoint):
-        self.endpoint = endpoint
-        self.requests = []
-        self.closed = False
-
-    def request(self, payload):
-        d = Deferred()
-        self.requests.append((json.loads(payload), d))
-        return d
-
-    def close(self):
-        self.closed = True
-
-    def answer(self, reply):
-        """Answer the oldest open request with ``reply``; return that request."""
-        for i, (payload, d) in enumerate(self.requests):
-            if not d.called:
-                del self.requests[i]
-                d.callback([json.dumps(reply).encode()])
-                return payload
-        raise AssertionError("no open request")
-
-    def open(self):
-        return [payload for payload, d in self.requests if not d.called]
-
-
-@implementer(ISubscriberSocket)
-class FakeSubscriber:
-    def __init__(self, endpoint, receive):
-        self.endpoint = endpoint
-        self.receive = receive
-        self.prefixes = set()
-        self.closed = False
-
-    def subscribe(self, prefix):
-        self.prefixes.add(prefix)
-
-    def unsubscribe(self, prefix):
-        self.prefixes.discard(prefix)
-
-    def close(self):
-        self.closed = True
-
-
-@implementer(IPublisherSocket)
-class FakePublisher:
-    def __init__(self, endpoint, notify):
-        self.endpoint = endpoint
-        self.notify = notify
-        self.sent = []
-        self.full = False
-        self.closed = False
-
-    def send(self, frame):
-        if self.full:
-            raise zmq.Again()
-        self.sent.append(frame)
-
-    def close(self):
-        self.closed = True
-
-
-@implementer(ITransport)
-class FakeTransport:
-    linger = 2.0
-
-    def __init__(self):
-        self.manages = []
-        self.subscribers = []
-        self.publishers = []
-        self.closed = False
-
-    def manage(self, endpoint):
-        self.manages.append(FakeManage(endpoint))
-        return self.manages[-1]
-
-    def subscriber(self, endpoint, receive):
-        self.subscribers.append(FakeSubscriber(endpoint, receive))
-        return self.subscribers[-1]
-
-    def publisher(self, endpoint, notify):
-        self.publishers.append(FakePublisher(endpoint, notify))
-        return self.publishers[-1]
-
-    def close(self):
-        self.closed = True
-        return succeed(None)
-
-    @property
-    def manage_socket(self):
-        return self.manages[-1]
 
 
 class ClientTests(SynchronousTestCase):

@@ -1,6 +1,7 @@
 """
 The README's snippets run as written (the bus's ports put in): the quick
-start's pyzmq app and the client library example, against a running bus.
+start's pyzmq app and the client library example, against a running bus;
+the example test of an app, with trial.
 """
 
 from __future__ import annotations
@@ -57,3 +58,22 @@ class ReadmeSnippetTests(TestCase):
         self.assertEqual(code, 0, err)
         self.assertIn(b"Intel(", out)
         await wait_for(lambda: len(zmq_app_of(top).subscriptions) == 0, what="the unsubscribe")
+
+    async def test_testing_example(self):
+        """The example test of an app on txthreatbus.testing's fakes passes."""
+        folder = os.path.abspath(self.mktemp())
+        os.makedirs(folder)
+        path = os.path.join(folder, "test_watch.py")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(snippet("### Testing an app"))
+        d = getProcessOutputAndValue(
+            sys.executable,
+            ["-m", "twisted.trial", path],
+            env=environment(),
+            path=folder,
+            reactor=reactor,
+        )
+        d.addTimeout(60, reactor)
+        out, err, code = await d
+        self.assertEqual(code, 0, out + err)
+        self.assertIn(b"PASSED (successes=1)", out)
