@@ -90,6 +90,10 @@ class NodeTests(FaultTestCase):
             return frame.method.message_count
 
         await deferToThread(declare_and_publish)
+        # The message is on disk once confirmed; the queue's declaration,
+        # in Mnesia's log, once the log is synced: a SIGKILL right after
+        # the declaration may lose it otherwise (seen once in CI).
+        await deferToThread(node.ctl, "eval", "mnesia:sync_log().")
         await deferToThread(node.kill)
         self.assertFalse(node.running)
         await deferToThread(node.start)

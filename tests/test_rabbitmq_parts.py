@@ -224,6 +224,12 @@ class DiagnosisTests(SynchronousTestCase):
         self.assertIn("plugins.backbones.rabbitmq.ssl", line)
         self.assertIn("issued for 'mq'", line)
 
+    def test_tls_client_certificate_required(self):
+        """A broker that asks for a client certificate: the line points at cert_file and key_file."""
+        line = self.text(TlsError("tlsv13 alert certificate required"))
+        self.assertIn("set cert_file and key_file", line)
+        self.assertNotIn("ca_file", line)
+
     def test_closed_while_opening(self):
         self.assertEqual(
             self.text(error.ConnectionDone()),

@@ -29,10 +29,11 @@ def diagnose(failure: Failure, config: RabbitMQConfig) -> str:
     e = failure.value
     where = address(config.host, config.port)
     if isinstance(e, TlsError):
-        return (
-            f"TLS with RabbitMQ at {where} failed: {e} (see plugins.backbones.rabbitmq.ssl: "
-            f"ca_file must hold the CA of the broker's certificate, issued for {config.host!r})"
-        )
+        if "certificate required" in str(e):
+            hint = "the broker asks for a client certificate: set cert_file and key_file"
+        else:
+            hint = f"ca_file must hold the CA of the broker's certificate, issued for {config.host!r}"
+        return f"TLS with RabbitMQ at {where} failed: {e} (see plugins.backbones.rabbitmq.ssl: {hint})"
     if isinstance(e, amqp.ConnectionClosedByBroker):
         if e.reply_code == 403:
             return f"RabbitMQ at {where} refused the credentials for user {config.username!r}"
