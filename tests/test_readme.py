@@ -1,7 +1,7 @@
 """
 The README's snippets run as written (the bus's ports put in): the quick
 start's pyzmq app and the client library example, against a running bus;
-the example test of an app, with trial.
+the example test of an app, with trial; every config it shows loads.
 """
 
 from __future__ import annotations
@@ -12,10 +12,11 @@ import sys
 
 from twisted.internet import reactor
 from twisted.internet.utils import getProcessOutputAndValue
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.support import start_bus, wait_for, zmq_app_of
 from tests.test_cli import environment
+from txthreatbus import config
 
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
 
@@ -77,3 +78,17 @@ class ReadmeSnippetTests(TestCase):
         out, err, code = await d
         self.assertEqual(code, 0, out + err)
         self.assertIn(b"PASSED (successes=1)", out)
+
+
+class ReadmeConfigTests(SynchronousTestCase):
+    """Every config the README shows is one that twistd accepts."""
+
+    def test_every_yaml_block_is_a_config(self):
+        with open(README, encoding="utf-8") as f:
+            blocks = re.findall(r"```yaml\n(.*?)```", f.read(), re.S)
+        self.assertGreaterEqual(len(blocks), 5)
+        for block in blocks:
+            try:
+                config.parse(block)
+            except config.ConfigError as e:
+                self.fail(f"the README's config does not load: {e}\n{block}")
