@@ -196,7 +196,11 @@ async def stop(process: Collect) -> None:
 
 async def run(testcase: TestCase, name: str, argv: list, deadline: float):
     """Run ``argv`` to its end within ``deadline`` seconds (else kill it): (exit code, output)."""
-    process = spawn(name, argv, dict(os.environ), tempfile.gettempdir())
+    # Without the test run's PYTHONPATH (trial -j sets it to its sys.path):
+    # pip would take the packages found there as installed, and leave them
+    # out of the venv (seen: idna, PyYAML)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    process = spawn(name, argv, env, tempfile.gettempdir())
     testcase.addCleanup(stop, process)  # should the test end first (trial's timeout)
     try:
         await wait_for(lambda: process.done, deadline, name)
@@ -237,6 +241,11 @@ async def build_venv(testcase: TestCase, app: Upstream) -> str:
             raise Unavailable(
                 f"pip cannot install {app.name}=={app.version} (no package index?): {' | '.join(said)}"
             )
+        # only a venv whose app imports is complete
+        python = os.path.join(building, "bin", "python")
+        code, output = await run(testcase, f"import {app.module}", [python, "-c", f"import {app.module}"], VENV_DEADLINE)
+        if code != 0:
+            raise AssertionError(f"{app.name}'s venv was installed, but its app does not import:\n{output[-2000:]}")
         with open(app.requirements, encoding="utf-8") as f:
             requirements = f.read()
         with open(os.path.join(building, MARKER), "w", encoding="utf-8") as f:
