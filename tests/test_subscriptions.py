@@ -17,7 +17,7 @@ from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from txthreatbus import codec
-from txthreatbus.apps.zmq_app.manage import ManagementHandler
+from txthreatbus.apps.zmq_app.manage import ManagementHandler, encode
 from txthreatbus.apps.zmq_app import publisher
 from txthreatbus.apps.zmq_app.memory import MemorySockets
 from txthreatbus.apps.zmq_app.publisher import FRAME_OVERHEAD, RETRY_INTERVAL
@@ -340,6 +340,14 @@ class HandlerTests(SynchronousTestCase):
         reply = self.handler.handle(frames)
         self.assertIn(reply["status"], ("success", "error", "unknown request"))
         return reply
+
+    @settings(max_examples=300, deadline=None)
+    @given(_json | _requests)
+    def test_reply_encoding(self, value):
+        """Every reply is sent as the JSON of what the handler answered (the constant ones encoded once)."""
+        reply = self.status([json.dumps(value).encode()])
+        self.assertEqual(json.loads(encode(reply)), reply)
+        self.assertEqual(encode(reply), json.dumps(reply).encode())
 
     @settings(max_examples=300, deadline=None)
     @given(st.lists(st.binary(max_size=200), max_size=4))

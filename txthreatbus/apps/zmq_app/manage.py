@@ -30,6 +30,17 @@ UNKNOWN = {"status": "unknown request"}
 _ACTIONS = ("subscribe", "unsubscribe", "heartbeat")
 
 # Plain ints: combining pyzmq's flag enums costs a Python call each time.
+#: The replies that never change, encoded once (by identity: they are
+#: returned as they are).
+_ENCODED = {id(reply): json.dumps(reply).encode() for reply in (SUCCESS, ERROR, UNKNOWN)}
+
+
+def encode(reply: dict) -> bytes:
+    """The JSON of ``reply``."""
+    encoded = _ENCODED.get(id(reply))
+    return encoded if encoded is not None else json.dumps(reply).encode()
+
+
 _NOBLOCK = int(zmq.NOBLOCK)
 _MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
 
@@ -185,7 +196,7 @@ class ManageConnection(BatchedReadConnection):
             )
             return
         peer = peer_address(self.frame)
-        reply = json.dumps(self._handle(message[delimiter + 1 :], peer)).encode()
+        reply = encode(self._handle(message[delimiter + 1 :], peer))
         # A ROUTER drops, never blocks, what an app's full queue cannot take.
         send = self.socket.send
         for frame in message[: delimiter + 1]:
