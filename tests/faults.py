@@ -33,7 +33,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import signal
 import sys
 import time
 from datetime import datetime
@@ -45,7 +44,8 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
-from tests.rabbitmq_node import RabbitMQNode, free_ports
+from tests.rabbitmq_node import RabbitMQNode
+from tests.support import free_ports
 from tests.test_tap import REPO_ROOT, TWISTD, ProcessOutput
 from txthreatbus.client import Client
 from txthreatbus.model import CLASSES, Intel, IntelData, IntelType, Operation

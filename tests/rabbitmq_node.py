@@ -49,6 +49,8 @@ import tempfile
 import time
 from typing import List, Optional
 
+from tests.support import free_ports
+
 #: Where Debian (and RabbitMQ's generic packages) keep the real scripts.
 SCRIPT_DIRS = ("/usr/lib/rabbitmq/bin", "/usr/lib/rabbitmq/sbin")
 
@@ -91,20 +93,6 @@ def require_rabbitmq(testcase, tls: bool = False) -> None:
     if os.environ.get("CI") == "true":
         testcase.fail(reason + ", and CI=true: CI must run these tests")
     raise SkipTest(reason)
-
-
-def free_ports(n: int) -> List[int]:
-    """``n`` distinct TCP ports on 127.0.0.1 that were free a moment ago."""
-    sockets = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def accepts(port: int, host: str = "127.0.0.1") -> bool:

@@ -48,6 +48,20 @@ async def settle(seconds: float) -> None:
 _reachable: dict = {}
 
 
+
+def free_ports(n: int) -> list:
+    """``n`` distinct TCP ports on 127.0.0.1 that were free a moment ago (bound, then closed)."""
+    sockets = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
 def require_service(testcase, address, what: str) -> None:
     """
     Skip ``testcase`` unless ``address`` (host, port) takes connections,

@@ -20,8 +20,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from txthreatbus import codec
 from txthreatbus.cli import LineReader, build_parser, describe, parse_command_line, parse_line
 from txthreatbus.model import Intel
-from tests.support import DEADLINE, start_bus, wait_for, zmq_app_of
-from tests.test_client import INTEL, SIGHTING, free_ports
+from tests.support import DEADLINE, free_ports, start_bus, wait_for, zmq_app_of
+from tests.test_client import INTEL, SIGHTING
 
 INTEL_LINE = json.dumps(codec.unstructure(INTEL))
 INDICATOR_LINE = json.dumps(

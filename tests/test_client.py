@@ -6,7 +6,6 @@ thing against a running bus (and a Threat Bus 2020.11.26-style REP server).
 from __future__ import annotations
 
 import json
-import socket
 from datetime import datetime, timedelta
 
 import attrs
@@ -50,7 +49,7 @@ from txthreatbus.testing import (
     FakeTransport,
     subscribe_reply as reply_for,
 )
-from tests.support import App, Context, publish_until_seen, start_bus, wait_for, zmq_app_of
+from tests.support import App, Context, free_ports, publish_until_seen, start_bus, wait_for, zmq_app_of
 
 INTEL = Intel(
     ts=datetime(2020, 11, 26, 14, 46, 52, 123456),
@@ -561,18 +560,6 @@ class ParseTests(SynchronousTestCase):
 
 
 # --- against a running bus
-
-
-def free_ports(n: int):
-    """``n`` TCP ports on 127.0.0.1 that are free right now."""
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 class LiveClientTests(TestCase):

@@ -9,18 +9,16 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
-import signal
 import sys
 
 from twisted.internet import reactor
-from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 import zmq
 
-from tests.support import Context, request, wait_for
-from tests.test_tap import PROCESS_DEADLINE, ProcessOutput, free_ports, write_config
+from tests.support import Context, free_ports, request, wait_for
+from tests.test_tap import PROCESS_DEADLINE, ProcessOutput, terminated_cleanly, write_config
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 UNIT = os.path.join(REPO_ROOT, "contrib", "txthreatbus.service")
@@ -120,12 +118,4 @@ plugins:
         reply = await request(req, {"action": "subscribe", "topic": "threatbus", "snapshot": 0})
         self.assertEqual(reply["status"], "success")
         self.assertEqual(os.listdir(workdir), [], "no pid file, nothing left in the working directory")
-        process.transport.signalProcess("TERM")
-        reason = await process.finished()
-        output = process.text()
-        if isinstance(reason, ProcessTerminated) and reason.signal is not None:
-            self.assertEqual(reason.signal, signal.SIGTERM, output)
-        else:
-            self.assertIsInstance(reason, ProcessDone, output)
-        self.assertIn("Server Shut Down.", output)
-        self.assertNotIn("Traceback", output)
+        await terminated_cleanly(self, process)

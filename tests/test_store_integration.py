@@ -33,6 +33,7 @@ from tests.support import (
     Timeout,
     connected_apps,
     drain,
+    free_ports,
     postgresql_schema,
     publish_until_seen,
     settle,
@@ -41,7 +42,7 @@ from tests.support import (
 )
 from tests.test_rabbitmq import BrokerTestCase, intel_json
 from tests.test_rabbitmq import intel as intel_item
-from tests.test_tap import PROCESS_DEADLINE, REPO_ROOT, TWISTD, ProcessOutput, free_ports, write_config
+from tests.test_tap import PROCESS_DEADLINE, REPO_ROOT, TWISTD, ProcessOutput, write_config
 from txthreatbus import codec
 from txthreatbus.config import Config, StoreConfig, ZmqAppConfig
 from txthreatbus.model import Operation, Sighting

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import sys
 
 import zmq
@@ -21,7 +20,7 @@ from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
-from tests.support import Context, request, wait_for
+from tests.support import Context, free_ports, request, wait_for
 from txthreatbus import tap
 from txthreatbus.apps.zmq_app import ZmqAppService
 from txthreatbus.backbones.inmem import InMemoryBackbone
@@ -48,20 +47,6 @@ def write_config(testcase, text: str) -> str:
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)
     return path
-
-
-def free_ports(n: int) -> list:
-    """``n`` distinct TCP ports that were free a moment ago (bound, then closed)."""
-    sockets = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 class PluginTests(SynchronousTestCase):
@@ -201,6 +186,23 @@ class ProcessOutput(protocol.ProcessProtocol):
         return await self.ended
 
 
+async def terminated_cleanly(testcase, process: ProcessOutput) -> None:
+    """SIGTERM ``process`` (a running twistd): it shuts down cleanly."""
+    process.transport.signalProcess("TERM")
+    reason = await process.finished()
+    output = process.text()
+    # twistd shuts down, then (since Twisted 20.3) ends itself with the
+    # signal it got, so that its parent sees why it stopped.
+    if isinstance(reason, ProcessTerminated) and reason.signal is not None:
+        testcase.assertEqual(reason.signal, signal.SIGTERM, output)
+    else:
+        testcase.assertIsInstance(reason, ProcessDone, output)
+        testcase.assertEqual(reason.exitCode, 0, output)
+    testcase.assertIn("Server Shut Down.", output)
+    testcase.assertNotIn("Traceback", output)
+    testcase.assertNotIn("Unhandled", output)
+
+
 class TwistdTests(TestCase):
     """A real ``twistd -n zmq-app`` in a subprocess."""
 
@@ -247,19 +249,7 @@ plugins:
         self.assertEqual(reply["pub_endpoint"], f"127.0.0.1:{pub}")
         self.assertEqual(reply["sub_endpoint"], f"127.0.0.1:{sub}")
 
-        process.transport.signalProcess("TERM")
-        reason = await process.finished()
-        output = process.text()
-        # twistd shuts down, then (since Twisted 20.3) ends itself with the
-        # signal it got, so that its parent sees why it stopped.
-        if isinstance(reason, ProcessTerminated) and reason.signal is not None:
-            self.assertEqual(reason.signal, signal.SIGTERM, output)
-        else:
-            self.assertIsInstance(reason, ProcessDone, output)
-            self.assertEqual(reason.exitCode, 0, output)
-        self.assertIn("Server Shut Down.", output)
-        self.assertNotIn("Traceback", output)
-        self.assertNotIn("Unhandled", output)
+        await terminated_cleanly(self, process)
 
     async def test_bad_config(self):
         """twistd with a bad config exits non-zero, naming the key, without a traceback."""
