@@ -271,9 +271,28 @@ class ConsumeTests(SynchronousTestCase):
         for tag in range(1, 4):
             rig.deliver("intel", tag, codec.encode(intel(f"i-{tag}")))
         self.assertEqual(rig.ids(), ["i-1", "i-2"])
-        self.assertEqual(rig.channel.acked, [1, 2])
+        self.assertEqual(rig.channel.acked, [1])  # 2 once its turn is over
         rig.clock.advance(0)
         self.assertEqual(rig.ids(), ["i-1", "i-2", "i-3"])
+        self.assertEqual(rig.channel.acked, [1, 2, 3])
+
+    def test_costly_batch_lets_the_reactor_run(self):
+        """A batch yields within itself too, and is handed on whole, even if consuming ends meanwhile."""
+        ticks = iter(range(1000))
+        rig = Rig()
+        rig.inbox.now = lambda: next(ticks) * 0.015
+        content_type, body = batches.pack([codec.encode(intel(f"i-{i}")) for i in range(4)])
+        rig.deliver("intel", 9, body, "m-9", content_type)
+        self.assertEqual(rig.ids(), ["i-0", "i-1"])
+        self.assertEqual(rig.channel.acked, [])
+        rig.alive = False  # the connection dropped: the broker will give it again
+        rig.clock.advance(0)
+        self.assertEqual(rig.ids(), ["i-0", "i-1", "i-2", "i-3"])
+        rig.clock.advance(0)
+        self.assertEqual(rig.channel.acked, [9])
+        rig.alive = True
+        rig.deliver("intel", 10, body, "m-9", content_type)  # the repeat: dropped
+        self.assertEqual(len(rig.delivered), 4)
 
     def test_not_taken_while_stopping(self):
         """Once not alive, a message is neither delivered nor acked (the broker keeps it), and consuming ends."""

@@ -8,7 +8,7 @@ dropped, the broker gives again. A message that comes again (a re-send after
 a lost confirm, a redelivery after a lost ack) is recognised by its
 ``message_id`` within the last ``dedup_window`` ids, acked and dropped.
 Handling yields to the reactor after ``batch_seconds`` of work, however
-costly the messages are to check.
+costly the messages are to check, within a batch too.
 """
 
 from __future__ import annotations
@@ -85,20 +85,35 @@ class Inbox:
         Hand what arrives in ``messages`` (pika's queue of one consumer) to
         the bus while ``alive()``; ends when pika closes the queue.
         """
-        spent = 0.0
+        self._spent = 0.0
         while True:
             received = await messages.get()
             if not alive():
                 return  # not acked: the broker gives it to us again, or to the next run
-            started = self.now()
-            self.received(kind, received)
-            spent += self.now() - started
-            if spent > self.batch_seconds:
-                spent = 0.0
-                await deferLater(self._clock, 0, lambda: None)
+            await self.received(kind, received)
 
-    def received(self, kind: str, received) -> None:
-        """Hand one AMQP message to the bus, then ack it."""
+    async def received(self, kind: str, received) -> None:
+        """
+        Hand one AMQP message to the bus, then ack it. A batch is handed on
+        whole, across reactor turns if it takes long, even if the connection
+        drops meanwhile: its id is remembered, so the broker's repeat of it
+        is dropped.
+        """
+        for body in self._bodies(kind, received):
+            started = self.now()
+            self._take(kind, body)
+            self._spent += self.now() - started
+            if self._spent > self.batch_seconds:
+                self._spent = 0.0
+                await deferLater(self._clock, 0, lambda: None)
+        try:
+            received.channel.basic_ack(delivery_tag=received.method.delivery_tag)
+        except Exception as e:
+            # The channel closed under us: the broker redelivers, dedup drops it.
+            self._throttle("ack", log.debug, "Could not ack a message: {e}", e=describe(e))
+
+    def _bodies(self, kind: str, received) -> list:
+        """The messages that ``received`` carries, none if it is a repeat or malformed."""
         properties = received.properties
         message_id = properties.message_id
         if message_id is not None and self._dedup.seen(message_id):
@@ -106,19 +121,12 @@ class Inbox:
             self._throttle(
                 "duplicate", log.debug, "Dropped a repeat of message {id} from RabbitMQ", id=message_id
             )
-        else:
-            try:
-                bodies = batches.unpack(properties.content_type, received.body)
-            except batches.BatchError as e:
-                self._malformed(kind, "backbone_malformed", e)
-            else:
-                for body in bodies:
-                    self._take(kind, body)
+            return []
         try:
-            received.channel.basic_ack(delivery_tag=received.method.delivery_tag)
-        except Exception as e:
-            # The channel closed under us: the broker redelivers, dedup drops it.
-            self._throttle("ack", log.debug, "Could not ack a message: {e}", e=describe(e))
+            return batches.unpack(properties.content_type, received.body)
+        except batches.BatchError as e:
+            self._malformed(kind, "backbone_malformed", e)
+            return []
 
     def _take(self, kind: str, body: bytes) -> None:
         try:
