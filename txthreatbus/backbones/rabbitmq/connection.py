@@ -6,6 +6,7 @@ protocol telling why a connection failed, and the gate that lets Twisted's
 
 from __future__ import annotations
 
+import socket
 from typing import Callable, List, Optional
 
 import attrs
@@ -155,7 +156,7 @@ def connector(config: RabbitMQConfig, clock) -> Connector:
         port=config.port,
         virtual_host=config.vhost,
         credentials=pika.PlainCredentials(config.username, config.password),
-        client_properties={"connection_name": "txthreatbus " + (config.queue.name_suffix or "")},
+        client_properties={"connection_name": "txthreatbus " + (config.queue.name_suffix or socket.gethostname())},
     )
     endpoint = HostnameEndpoint(clock, config.host, config.port, timeout=CONNECT_TIMEOUT)
     if config.ssl is not None:
