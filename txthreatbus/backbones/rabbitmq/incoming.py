@@ -79,13 +79,14 @@ class Inbox:
         self._consumed = counter
         self._throttle = throttle
         self._clock = clock
+        #: Seconds of handling since the reactor last ran, across every queue.
+        self._spent = 0.0
 
     async def consume(self, kind: str, messages, alive: Callable[[], bool]) -> None:
         """
         Hand what arrives in ``messages`` (pika's queue of one consumer) to
         the bus while ``alive()``; ends when pika closes the queue.
         """
-        self._spent = 0.0
         while True:
             received = await messages.get()
             if not alive():
