@@ -323,7 +323,7 @@ class CommandTests(TestCase):
         self.assertEqual((code, out), (0, "published 2, skipped 3\n"), err)
         self.assertIn(f"{path} line 2: invalid JSON", err)
         self.assertIn(f"{path} line 4: Intel", err)
-        self.assertIn(f"{path} line 5: Intel has no 'data'", err)
+        self.assertIn(f"{path} line 5: Intel: Object missing required field", err)
         self.assertNotIn("line 3", err)
         metrics = top.getServiceNamed("bus").metrics
         await wait_for(

@@ -113,13 +113,15 @@ class IntelTests(SynchronousTestCase):
 
     def test_empty_indicator(self):
         """An empty indicator is refused, naming the field."""
-        self.assertRefused(ValueError, "indicator must not be empty", lambda: intel_data(indicator=()))
+        self.assertRefused(
+            ValueError, "indicator must be a non-empty list of strings, not ()", lambda: intel_data(indicator=())
+        )
 
     def test_indicator_not_strings(self):
         """An indicator of non-strings, or a bare string, is refused."""
         for bad in ([1], ["a", None], "evil.example.com", None):
             self.assertRefused(
-                (TypeError, ValueError), "indicator must be a list of strings",
+                (TypeError, ValueError), "indicator must be a non-empty list of strings",
                 lambda: intel_data(indicator=bad),
             )
 

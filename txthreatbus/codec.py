@@ -9,6 +9,15 @@ reads and raises ``DecodeError`` (and nothing else) with a message that says
 what is wrong. A STIX object keeps the bytes it came in, and is forwarded
 exactly as its app sent it (one that came in an envelope, as an equal JSON
 value).
+
+Validation is compiled: each 2020 message's wire shape is a msgspec Struct
+made of the model's own field rules (``txthreatbus.model``), and the frozen
+attrs values are built from what it checked without checking it again
+(``model.trusted``). A message in its plain shape (no key twice, none
+unknown, no extra data, no escapes) is decoded by msgspec straight from its
+bytes; anything else takes the general path, which parses the JSON with the
+bus's own limits (duplicate keys, depth, numbers) and then checks the value
+against the same Structs, so both paths apply the same rules.
 """
 
 from __future__ import annotations
@@ -18,19 +27,28 @@ import math
 import re
 from datetime import datetime, timedelta
 from itertools import accumulate
+from typing import Any, Literal, Optional, Union
+
+import msgspec
 
 from txthreatbus import stix
 from txthreatbus.model import (
     BY_TOPIC,
+    Indicators,
     Intel,
     IntelData,
     IntelType,
+    JsonObject,
     Message,
     MessageType,
     Operation,
     Sighting,
     SnapshotEnvelope,
     SnapshotRequest,
+    Strings,
+    Text,
+    WireSeconds,
+    trusted,
 )
 
 
@@ -122,11 +140,17 @@ def decode(topic: str, data: bytes) -> Message:
     cls = BY_TOPIC.get(topic)
     if cls is None:
         raise DecodeError(f"unknown topic {topic!r}")
-    value = loads(data)
-    message = structure(cls, value)
-    if type(message) is not cls:
-        raise DecodeError(f"a {message.kind} on topic {topic}")
-    if is_encoding(message, value):
+    # the plain shape straight from its bytes, the rest the general way
+    plain = _PLAIN.get(cls)
+    decoded = plain(data) if plain and type(data) is bytes and b"\\" not in data else None
+    if decoded is None:
+        value = loads(data)
+        message = structure(cls, value)
+        if type(message) is not cls:
+            raise DecodeError(f"a {message.kind} on topic {topic}")
+        decoded = message, is_encoding(message, value)
+    message, encoded = decoded
+    if encoded:
         # ``data`` already is this message's encoding (as JSON values go):
         # forwarding it as it came saves encoding it again.
         vars(message)[_MEMO] = bytes(data)
@@ -290,124 +314,219 @@ def loads(data: bytes) -> object:
     return value
 
 
+# --- the wire shapes, compiled from the model's field rules
+
+_UNSET = msgspec.UNSET
+
+
+class _IntelDataWire(msgspec.Struct):
+    indicator: Indicators
+    intel_type: IntelType
+
+
+class _IntelWire(msgspec.Struct):
+    ts: Text
+    id: Text
+    data: _IntelDataWire
+    operation: Operation
+
+
+class _SightingWire(msgspec.Struct):
+    ts: Text
+    intel: Text
+    # UNSET: the key is missing (null is None)
+    context: Union[Optional[JsonObject], msgspec.UnsetType] = _UNSET
+    ioc: Union[Optional[Strings], msgspec.UnsetType] = _UNSET
+
+
+class _RequestWire(msgspec.Struct):
+    snapshot_type: MessageType
+    snapshot_id: Text
+    snapshot: WireSeconds
+
+
+class _EnvelopeWire(msgspec.Struct):
+    snapshot_type: MessageType
+    snapshot_id: Text
+    body: Any
+    #: A 2022 envelope says what it is; 2020 ones have no type.
+    type: Optional[Literal["snapshotenvelope"]] = None
+
+
 def structure(cls: type, value: object) -> Message:
     """
-    The message of class ``cls`` that the JSON ``value`` describes.
-
-    The message's constructors check every field (``txthreatbus.model``):
-    this only takes the JSON apart, looks up enumerations and parses
-    timestamps, and turns any failure into a ``DecodeError``.
+    The message of class ``cls`` that the JSON ``value`` describes, checked
+    against its wire shape (the model's field rules), or a ``DecodeError``.
     """
     if cls in stix.StixObject:
         return structure_stix(value)
     if type(value) is not dict:
         raise DecodeError(f"{cls.__name__} must be a JSON object, not {type(value).__name__}")
+    wire_cls, build = _WIRES[cls]
     try:
-        return _STRUCTURERS[cls](value)
-    except KeyError as e:
-        raise DecodeError(f"{cls.__name__} has no {e.args[0]!r}") from None
-    except (TypeError, ValueError, OverflowError) as e:
-        if isinstance(e, DecodeError):
-            raise
+        wire = msgspec.convert(value, wire_cls)
+    except msgspec.ValidationError as e:
         raise DecodeError(f"{cls.__name__}: {e}") from None
+    return build(wire, value)
 
 
-def _timestamp(what: str, raw: object) -> datetime:
-    if type(raw) is not str:
-        raise DecodeError(f"{what}.ts must be str, not {type(raw).__name__}")
+def _timestamp(what: str, raw: str) -> datetime:
     try:
         return datetime.fromisoformat(raw[:-1] + "+00:00" if raw[-1:] == "Z" else raw)
     except ValueError:
         raise DecodeError(f"{what}.ts is not a timestamp: {raw!r}") from None
 
 
-def _member(what: str, key: str, enum_cls: type, raw: object):
-    """The member of ``enum_cls`` whose value is ``raw``, of exactly its type."""
-    members, value_type = _MEMBERS[enum_cls]
-    if type(raw) is not value_type:  # a bool is no int here
-        raise DecodeError(f"{what}.{key} must be {value_type.__name__}, not {type(raw).__name__}")
-    member = members.get(raw)
-    if member is None:
-        raise DecodeError(f"{what}.{key}: unknown {enum_cls.__name__} {raw!r}")
-    return member
+_RESERVED = ("indicator", "intel_type")
 
 
-_MEMBERS = {
-    cls: ({m.value: m for m in cls}, type(next(iter(cls)).value))
-    for cls in (IntelType, MessageType, Operation)
-}
-
-
-def _intel(value: dict) -> Intel:
-    extra = value["data"]
-    if type(extra) is not dict:
-        raise DecodeError(f"Intel.data must be dict, not {type(extra).__name__}")
-    extra = dict(extra)
-    try:
-        indicator = extra.pop("indicator")
-        intel_type = extra.pop("intel_type")
-    except KeyError as e:
-        raise DecodeError(f"Intel.data has no {e.args[0]!r}") from None
-    return Intel(
-        ts=_timestamp("Intel", value["ts"]),
-        id=value["id"],
-        data=IntelData(indicator, _member("Intel.data", "intel_type", IntelType, intel_type), extra),
-        operation=_member("Intel", "operation", Operation, value["operation"]),
+def _intel(wire: _IntelWire, value: Optional[dict]) -> Intel:
+    """The Intel of ``wire``; ``value`` is the JSON it came from (None: it held no more)."""
+    data = wire.data
+    if value is None:
+        extra = {}
+    else:
+        extra = {k: v for k, v in value["data"].items() if k not in _RESERVED}
+    return trusted(
+        Intel,
+        {
+            "ts": _timestamp("Intel", wire.ts),
+            "id": wire.id,
+            "data": trusted(
+                IntelData, {"indicator": data.indicator, "intel_type": data.intel_type, "extra": extra}
+            ),
+            "operation": wire.operation,
+        },
     )
 
 
-def _sighting(value: dict) -> Sighting:
-    context = value.get("context")
-    return Sighting(
-        ts=_timestamp("Sighting", value["ts"]),
-        intel=value["intel"],
-        context={} if context is None else context,
-        ioc=value.get("ioc"),
+def _sighting(wire: _SightingWire, value=None) -> Sighting:
+    context, ioc = wire.context, wire.ioc
+    return trusted(
+        Sighting,
+        {
+            "ts": _timestamp("Sighting", wire.ts),
+            "intel": wire.intel,
+            "context": {} if context is None or context is _UNSET else context,
+            "ioc": None if ioc is _UNSET else ioc,
+        },
     )
 
 
-def _snapshot_request(value: dict) -> SnapshotRequest:
-    snapshot_type = _member("SnapshotRequest", "snapshot_type", MessageType, value["snapshot_type"])
-    snapshot_id = value["snapshot_id"]
-    seconds = value["snapshot"]
-    if type(seconds) is not int:
-        raise DecodeError(f"SnapshotRequest.snapshot must be int, not {type(seconds).__name__}")
-    try:
-        snapshot = timedelta(seconds=seconds)
-    except OverflowError:
-        snapshot = None
-    if snapshot is None or seconds <= 0:
-        raise DecodeError(
-            f"SnapshotRequest.snapshot must be a number of seconds > 0 that fits a "
-            f"duration, not {seconds!r}"
-        )
-    return SnapshotRequest(snapshot_type=snapshot_type, snapshot_id=snapshot_id, snapshot=snapshot)
+def _snapshot_request(wire: _RequestWire, value=None) -> SnapshotRequest:
+    return trusted(
+        SnapshotRequest,
+        {
+            "snapshot_type": wire.snapshot_type,
+            "snapshot_id": wire.snapshot_id,
+            "snapshot": timedelta(seconds=wire.snapshot),
+        },
+    )
 
 
-def _snapshot_envelope(value: dict) -> SnapshotEnvelope:
-    snapshot_type = _member("SnapshotEnvelope", "snapshot_type", MessageType, value["snapshot_type"])
-    snapshot_id = value["snapshot_id"]
-    body = value["body"]
-    # A 2022 envelope says what it is (2020 ones have no type) and carries a
-    # STIX object; the envelope's constructor checks it is of snapshot_type.
-    kind = value.get("type")
-    if kind is not None and kind != "snapshotenvelope":
-        raise DecodeError(f"SnapshotEnvelope of type {kind!r}")
+def _snapshot_envelope(wire: _EnvelopeWire, value=None) -> SnapshotEnvelope:
+    snapshot_type = wire.snapshot_type
+    # A 2022 envelope carries a STIX object, a 2020 one a 2020 message; the
+    # envelope's constructor checks it is of snapshot_type.
     try:
-        if kind is None:
-            body = structure(Intel if snapshot_type is MessageType.INTEL else Sighting, body)
+        if wire.type is None:
+            body = structure(Intel if snapshot_type is MessageType.INTEL else Sighting, wire.body)
         else:
-            body = structure_stix(body)
+            body = structure_stix(wire.body)
     except DecodeError as e:
         raise DecodeError(
             f"SnapshotEnvelope.body (snapshot_type {snapshot_type.name}): {e}", reason=e.reason
         ) from None
-    return SnapshotEnvelope(snapshot_type=snapshot_type, snapshot_id=snapshot_id, body=body)
+    try:
+        return SnapshotEnvelope(snapshot_type=snapshot_type, snapshot_id=wire.snapshot_id, body=body)
+    except ValueError as e:
+        raise DecodeError(f"SnapshotEnvelope: {e}") from None
 
 
-_STRUCTURERS = {
-    Intel: _intel,
-    Sighting: _sighting,
-    SnapshotRequest: _snapshot_request,
-    SnapshotEnvelope: _snapshot_envelope,
+_WIRES = {
+    Intel: (_IntelWire, _intel),
+    Sighting: (_SightingWire, _sighting),
+    SnapshotRequest: (_RequestWire, _snapshot_request),
+    SnapshotEnvelope: (_EnvelopeWire, _snapshot_envelope),
 }
+
+
+# --- the plain shape, decoded straight from bytes
+
+
+def _strings(value) -> int:
+    """How many strings (keys included) the JSON ``value`` holds."""
+    kind = type(value)
+    if kind is str:
+        return 1
+    if kind is dict:
+        return len(value) + sum(map(_strings, value.values()))
+    if kind is list:
+        return sum(map(_strings, value))
+    return 0
+
+
+# Each returns the message in ``data`` and whether ``data`` is its encoding
+# (see is_encoding: all but the timestamp carries over as it came), or None
+# if ``data`` is not in the plain shape. msgspec checks the fields, and the
+# count of quotes shows that the text holds nothing the wire shape did not
+# read (no key twice, none unknown, no extra data), since each key and
+# string has two: ``data`` holds no escapes, so every quote is one of them.
+
+_intel_decoder = msgspec.json.Decoder(_IntelWire)
+_sighting_decoder = msgspec.json.Decoder(_SightingWire)
+_request_decoder = msgspec.json.Decoder(_RequestWire)
+_DECODE_FAILED = (msgspec.DecodeError, msgspec.ValidationError, RecursionError)
+
+
+def _plain_intel(data: bytes):
+    try:
+        wire = _intel_decoder.decode(data)
+    except _DECODE_FAILED:
+        return None
+    # ts, id, data, operation, indicator, intel_type; the values of ts, id,
+    # operation and the indicator's
+    if data.count(b'"') != 2 * (9 + len(wire.data.indicator)):
+        return None
+    message = _intel(wire, None)
+    return message, is_ts_encoding(wire.ts, message.ts)
+
+
+def _plain_sighting(data: bytes):
+    # only a Sighting's context nests freely: its depth is checked as the
+    # general path does
+    if data.count(b"[") + data.count(b"{") > MAX_DEPTH:
+        return None
+    try:
+        wire = _sighting_decoder.decode(data)
+    except _DECODE_FAILED:
+        return None
+    strings = 4  # ts, intel and their values
+    context, ioc = wire.context, wire.ioc
+    if context is not _UNSET:
+        strings += 1 + (_strings(context) if context else 0)
+    if ioc is not _UNSET:
+        strings += 1 + (len(ioc) if ioc else 0)
+    if data.count(b'"') != 2 * strings:
+        return None
+    message = _sighting(wire)
+    encoded = (
+        context is not _UNSET and context is not None and ioc is not _UNSET
+        and is_ts_encoding(wire.ts, message.ts)
+    )
+    return message, encoded
+
+
+def _plain_request(data: bytes):
+    try:
+        wire = _request_decoder.decode(data)
+    except _DECODE_FAILED:
+        return None
+    if data.count(b'"') != 2 * 4:  # three keys and the snapshot_id
+        return None
+    return _snapshot_request(wire), True
+
+
+_PLAIN = {Intel: _plain_intel, Sighting: _plain_sighting, SnapshotRequest: _plain_request}
+
+

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import enum
 from datetime import datetime, timedelta
-from typing import ClassVar, Optional, Tuple, Union
+from typing import Annotated, Any, ClassVar, Dict, Optional, Tuple, Union
 
 import attrs
+import msgspec
+from msgspec import Meta
 
 from txthreatbus import stix
 
@@ -84,46 +86,89 @@ class MessageType(enum.IntEnum):
     SIGHTING = 2
 
 
-# Validators are plain functions with one check each: every message the bus
-# decodes runs them, so they are on the hot path.
+# --- the field rules
+#
+# Each field's rule is written once, as a type that msgspec reads: the
+# constructors below check their arguments against it (``_follows``), and
+# the codec compiles its wire decoders from the same types
+# (``txthreatbus.codec``), so that what the model accepts and what the wire
+# accepts cannot drift apart. ``trusted`` builds a message from values the
+# codec has already checked, without checking them a second time.
+
+#: An indicator: its values, at least one.
+Indicators = Annotated[Tuple[str, ...], Meta(min_length=1, description="a non-empty list of strings")]
+#: A list of strings.
+Strings = Annotated[Tuple[str, ...], Meta(description="a list of strings")]
+#: A JSON object.
+JsonObject = Annotated[Dict[str, Any], Meta(description="a JSON object (a dict)")]
+#: Text.
+Text = Annotated[str, Meta(description="str")]
+#: A snapshot's span on the wire: whole seconds, more than none, that fit a timedelta.
+WireSeconds = Annotated[
+    int,
+    Meta(gt=0, le=timedelta.max // timedelta(seconds=1), description="a number of seconds > 0"),
+]
 
 
-def _instance_of(cls: type, what: str):
-    """A validator: the value is a ``cls``, called ``what`` in errors."""
+def _description(rule) -> str:
+    """What ``rule`` asks for, in words."""
+    for meta in getattr(rule, "__metadata__", ()):
+        if isinstance(meta, Meta) and meta.description:
+            return meta.description
+    name = getattr(rule, "__name__", str(rule))
+    return f"an {name}" if name[0] in "AEIOU" else f"a {name}"
+
+
+def _follows(rule):
+    """
+    A validator: the value follows ``rule``. A class (an enumeration, a
+    datetime, a message) is followed by its instances; any other rule is
+    checked by msgspec, strictly (no coercion: ``"1"`` is no int).
+    """
+    what = _description(rule)
+    if isinstance(rule, type):
+
+        def validate(instance, attribute, value):
+            if not isinstance(value, rule):
+                raise TypeError(f"{attribute.name} must be {what}, not {type(value).__name__}")
+
+        return validate
 
     def validate(instance, attribute, value):
-        if not isinstance(value, cls):
-            raise TypeError(f"{attribute.name} must be {what}, not {type(value).__name__}")
+        try:
+            msgspec.convert(value, rule, strict=True)
+        except msgspec.ValidationError as e:
+            # "Expected `str`, got `int`" is the wrong type; the rest break a constraint
+            error = TypeError if ", got `" in str(e) else ValueError
+            raise error(f"{attribute.name} must be {what}, not {value!r:.200} ({e})") from None
 
     return validate
 
 
-def _strings(instance, attribute, value):
-    if not isinstance(value, tuple):
-        raise TypeError(f"{attribute.name} must be a list of strings, not {type(value).__name__}")
-    for v in value:
-        if not isinstance(v, str):
-            raise TypeError(f"{attribute.name} must be a list of strings, not {value!r}")
+def _optional(validate):
+    def optional(instance, attribute, value):
+        if value is not None:
+            validate(instance, attribute, value)
 
-
-def _strings_or_none(instance, attribute, value):
-    if value is not None:
-        _strings(instance, attribute, value)
-
-
-def _non_empty_strings(instance, attribute, value):
-    _strings(instance, attribute, value)
-    if not value:
-        raise ValueError(f"{attribute.name} must not be empty")
-
-
-_str = _instance_of(str, "str")
-_dict = _instance_of(dict, "dict")
-_datetime = _instance_of(datetime, "a datetime")
+    return optional
 
 
 def _tuple(value):
     return tuple(value) if type(value) is list else value
+
+
+def trusted(cls, fields: dict):
+    """
+    A ``cls`` message of ``fields`` that follow its rules already (the codec
+    checked them when it decoded them): its validators do not run again.
+    """
+    message = _new(cls)
+    _setattr(message, "__dict__", fields)
+    return message
+
+
+_new = object.__new__
+_setattr = object.__setattr__
 
 
 # Messages are not slotted: the codec memoises each message's encoding in the
@@ -135,13 +180,13 @@ _message = attrs.frozen(slots=False)
 class IntelData:
     """The indicator of an Intel item, its type, and any extra keys."""
 
-    indicator: Tuple[str, ...] = attrs.field(converter=_tuple, validator=_non_empty_strings)
-    intel_type: IntelType = attrs.field(validator=_instance_of(IntelType, "an IntelType"))
-    extra: dict = attrs.field(factory=dict)
+    indicator: Indicators = attrs.field(converter=_tuple, validator=_follows(Indicators))
+    intel_type: IntelType = attrs.field(validator=_follows(IntelType))
+    #: The other keys of the wire's ``data``, as JSON values.
+    extra: JsonObject = attrs.field(factory=dict, validator=_follows(JsonObject))
 
     @extra.validator
     def _extra(self, attribute, value):
-        _dict(self, attribute, value)
         if "indicator" in value or "intel_type" in value:
             reserved = sorted({"indicator", "intel_type"} & value.keys())
             raise ValueError(f"extra data must not repeat {reserved}")
@@ -154,10 +199,10 @@ class Intel:
     topic: ClassVar[str] = "threatbus/intel"
     kind: ClassVar[str] = "intel"
 
-    ts: datetime = attrs.field(validator=_datetime)
-    id: str = attrs.field(validator=_str)
-    data: IntelData = attrs.field(validator=_instance_of(IntelData, "an IntelData"))
-    operation: Operation = attrs.field(validator=_instance_of(Operation, "an Operation"))
+    ts: datetime = attrs.field(validator=_follows(datetime))
+    id: Text = attrs.field(validator=_follows(Text))
+    data: IntelData = attrs.field(validator=_follows(IntelData))
+    operation: Operation = attrs.field(validator=_follows(Operation))
 
 
 @_message
@@ -167,21 +212,22 @@ class Sighting:
     topic: ClassVar[str] = "threatbus/sighting"
     kind: ClassVar[str] = "sighting"
 
-    ts: datetime = attrs.field(validator=_datetime)
-    intel: str = attrs.field(validator=_str)
-    context: dict = attrs.field(factory=dict, validator=_dict)
-    ioc: Optional[Tuple[str, ...]] = attrs.field(
-        default=None, converter=_tuple, validator=_strings_or_none
+    ts: datetime = attrs.field(validator=_follows(datetime))
+    intel: Text = attrs.field(validator=_follows(Text))
+    context: JsonObject = attrs.field(factory=dict, validator=_follows(JsonObject))
+    ioc: Optional[Strings] = attrs.field(
+        default=None, converter=_tuple, validator=_optional(_follows(Strings))
     )
 
 
 def _positive_seconds(instance, attribute, value):
-    # The wire carries whole seconds: anything else would not survive encoding.
-    if (
-        not isinstance(value, timedelta)
-        or value <= timedelta(0)
-        or value % timedelta(seconds=1)
-    ):
+    # The wire carries whole seconds (WireSeconds): anything else would not
+    # survive encoding.
+    if not isinstance(value, timedelta) or value % timedelta(seconds=1):
+        raise ValueError(f"{attribute.name} must be a whole number of seconds, not {value!r}")
+    try:
+        msgspec.convert(value // timedelta(seconds=1), WireSeconds)
+    except msgspec.ValidationError:
         raise ValueError(
             f"{attribute.name} must be a positive whole number of seconds, not {value!r}"
         )
@@ -194,8 +240,8 @@ class SnapshotRequest:
     topic: ClassVar[str] = "threatbus/snapshotrequest"
     kind: ClassVar[str] = "snapshotrequest"
 
-    snapshot_type: MessageType = attrs.field(validator=_instance_of(MessageType, "a MessageType"))
-    snapshot_id: str = attrs.field(validator=_str)
+    snapshot_type: MessageType = attrs.field(validator=_follows(MessageType))
+    snapshot_id: Text = attrs.field(validator=_follows(Text))
     snapshot: timedelta = attrs.field(validator=_positive_seconds)
 
 
@@ -216,8 +262,8 @@ class SnapshotEnvelope:
     topic: ClassVar[str] = "threatbus/snapshotenvelope"
     kind: ClassVar[str] = "snapshotenvelope"
 
-    snapshot_type: MessageType = attrs.field(validator=_instance_of(MessageType, "a MessageType"))
-    snapshot_id: str = attrs.field(validator=_str)
+    snapshot_type: MessageType = attrs.field(validator=_follows(MessageType))
+    snapshot_id: Text = attrs.field(validator=_follows(Text))
     body: Union[Intel, Sighting, stix.Indicator, stix.Sighting] = attrs.field()
 
     @body.validator
@@ -239,7 +285,7 @@ def _non_negative_timedelta(instance, attribute, value):
 class Subscription:
     """An app's wish to receive ``topic``, with a snapshot of the last ``snapshot``."""
 
-    topic: str = attrs.field(validator=_str)
+    topic: Text = attrs.field(validator=_follows(Text))
     snapshot: timedelta = attrs.field(default=timedelta(0), validator=_non_negative_timedelta)
 
 
@@ -247,7 +293,7 @@ class Subscription:
 class Unsubscription:
     """An app's wish to stop receiving on its point-to-point topic."""
 
-    topic: str = attrs.field(validator=_str)
+    topic: Text = attrs.field(validator=_follows(Text))
 
 
 Message = Union[Intel, Sighting, stix.Indicator, stix.Sighting, SnapshotRequest, SnapshotEnvelope]
