@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """
-Benchmark txthreatbus against the yardstick, back to back.
+Benchmark txthreatbus against the yardstick, back to back, and write the
+README's performance table.
 
 Runs each workload of e2e.py (beside this script) against txthreatbus
 (``twistd -n zmq-app``) and against limit_server.py, alternating, takes the
@@ -24,9 +25,21 @@ printed as on/off; and the snapshot row runs snapshot.py (beside this
 script): the time a snapshot of 100,000 live Intel items takes to reach its
 requester, and the bus's RSS growth while it answers.
 
+Each table is printed to stdout as soon as its rows ran. After a full run
+(every workload, the reference included, so no --only or --skip-reference)
+the figures go to --results (default: bench/results.json: the medians,
+ratios, targets, whether each was met, the number of runs, the date and the
+machine), and the tables to README.md (--readme), between the lines
+``<!-- bench/run.py: begin -->`` and ``<!-- bench/run.py: end -->``; a
+partial run writes nothing, and --no-write only prints. ``render`` makes
+that block from the results alone, so ``--render`` rewrites it from
+bench/results.json without running anything.
+
     python bench/run.py [--limit-server PATH] [--e2e PATH] [--runs 3]
                         [--only NAME] [--skip-reference] [--reference-venv DIR]
-                        [--snapshot-runs N]
+                        [--snapshot-runs N] [--no-write]
+                        [--readme PATH] [--results PATH]
+    python bench/run.py --render [--readme PATH] [--results PATH]
 
 All servers use ports 13370-13372 on 127.0.0.1: run nothing else there.
 """
@@ -35,7 +48,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import operator
 import os
+import platform
 import shlex
 import statistics
 import subprocess
@@ -44,15 +59,26 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+README = os.path.join(ROOT, "README.md")
+RESULTS = os.path.join(HERE, "results.json")
+
+#: The lines around the README's generated block.
+BEGIN = "<!-- bench/run.py: begin -->"
+END = "<!-- bench/run.py: end -->"
 
 # name, e2e.py arguments, figure, target ratio, better when
 WORKLOADS = [
-    ("1 subscriber", "throughput -n 20000 --subscribers 1", "deliveries_per_s", 0.35, "higher"),
-    ("10 subscribers", "throughput -n 2000 --subscribers 10", "deliveries_per_s", 0.5, "higher"),
-    ("2000 subscribers", "throughput -n 100 --subscribers 2000", "deliveries_per_s", 0.3, "higher"),
-    ("manage", "manage -n 2000", "rpc_per_s", 0.5, "higher"),
-    ("p99 at 1000/s", "throughput -n 3000 --rate 1000 --rate-batch 10", "lat_p99_ms", 2.0, "lower"),
+    ("1 subscriber", "throughput -n 20000 --subscribers 1", "deliveries_per_s", 0.75, "higher"),
+    ("10 subscribers", "throughput -n 2000 --subscribers 10", "deliveries_per_s", 1.2, "higher"),
+    ("2000 subscribers", "throughput -n 100 --subscribers 2000", "deliveries_per_s", 1.5, "higher"),
+    ("manage", "manage -n 2000", "rpc_per_s", 1.0, "higher"),
+    ("p99 at 1000/s", "throughput -n 3000 --rate 1000 --rate-batch 10", "lat_p99_ms", 1.2, "lower"),
 ]
+#: The memory row: idle subscriptions made, and the target for each one's RSS (bytes)
+MEMORY_ROW = "memory"
+MEMORY_SUBSCRIPTIONS = 10_000
+MEMORY_TARGET_B = 1024
 
 # The store's cost (run with the SQLite store on and off): name, e2e.py
 # arguments, figure, target ratio on/off, better when
@@ -189,7 +215,7 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError("no VmRSS")
 
 
-def idle_subscription_memory(server: str, n: int = 10_000) -> float:
+def idle_subscription_memory(server: str, n: int = MEMORY_SUBSCRIPTIONS) -> float:
     """Bytes of resident memory each of ``n`` idle subscriptions costs."""
     import zmq
 
@@ -223,25 +249,57 @@ def idle_subscription_memory(server: str, n: int = 10_000) -> float:
         proc.wait(10)
 
 
+def selected(only: str | None, name: str) -> bool:
+    """Whether --only ``only`` picks the row ``name``."""
+    return not only or only in name
+
+
+def machine() -> dict:
+    """A short description of this machine, for the results."""
+    return {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--limit-server", default=os.path.join(HERE, "limit_server.py"))
     ap.add_argument("--e2e", default=os.path.join(HERE, "e2e.py"))
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--only", help="run only workloads whose name contains this")
+    ap.add_argument("--only", help="run only workloads whose name contains this (writes nothing)")
     ap.add_argument("--skip-reference", action="store_true",
-                    help="STIX rows: do not run the reference, Threat Bus 2022.5.16")
+                    help="STIX rows: do not run the reference, Threat Bus 2022.5.16 (writes nothing)")
     ap.add_argument("--reference-venv", default=default_reference_venv(),
                     help="the reference's venv, made on first use (default: %(default)s)")
     ap.add_argument("--snapshot-runs", type=int,
                     help="runs of the snapshot row (default: --runs)")
+    ap.add_argument("--no-write", action="store_true",
+                    help="only print the tables: write neither --results nor --readme")
+    ap.add_argument("--readme", default=README,
+                    help="the README whose generated block gets the tables (default: %(default)s)")
+    ap.add_argument("--results", default=RESULTS,
+                    help="the figures of a full run, as JSON (default: %(default)s)")
+    ap.add_argument("--render", action="store_true",
+                    help="run nothing: rewrite --readme's block from --results")
     args = ap.parse_args()
+
+    if args.render:
+        if not os.path.exists(args.results):
+            raise SystemExit(f"{args.results} does not exist: a full run of bench/run.py writes it")
+        check_readme(args.readme)
+        write_readme(args.readme, render(load_results(args.results)))
+        print(f"wrote the tables of {args.results} into {args.readme}", file=sys.stderr)
+        return
+    partial = "--only" if args.only else "--skip-reference" if args.skip_reference else None
+    if not args.no_write and not partial:
+        check_readme(args.readme)  # before the run, not after ten minutes of it
 
     bindir = os.path.dirname(sys.executable)
     store_known = knows_store(bindir)
     if not store_known:
         print("this txthreatbus does not know the store key: its config leaves it out, "
               "and the store rows cannot run", file=sys.stderr)
+    results = {"date": time.strftime("%Y-%m-%d", time.gmtime()), "runs": args.runs,
+               "snapshot_runs": args.snapshot_runs or args.runs, "machine": machine()}
+    ok = True
     with tempfile.TemporaryDirectory(prefix="txthreatbus-bench-") as scratch:
         config = os.path.join(scratch, "config.yaml")
         with open(config, "w") as f:
@@ -249,8 +307,9 @@ def main():
         twistd = os.path.join(bindir, "twistd")
         ours = f"{twistd} --pidfile {os.path.join(scratch, 'twistd.pid')} -n zmq-app --config {config}"
         limit = f"{sys.executable} {args.limit_server}"
-        ok = run(args, ours, limit)
-        if any(not args.only or args.only in w[0] for w in STIX_WORKLOADS):
+        results["main"] = run(args, ours, limit)
+        show(results, "main")
+        if any(selected(args.only, w[0]) for w in STIX_WORKLOADS):
             reference = None
             if not args.skip_reference:
                 # a folder of its own: threatbus also reads config.yaml and .env from where it runs
@@ -260,20 +319,56 @@ def main():
                     f.write(REFERENCE_CONFIG)
                 threatbus = reference_threatbus(args.reference_venv)
                 reference = f"cd {shlex.quote(refdir)} && exec {shlex.quote(threatbus)} -c config.yaml"
-            ok &= run_stix(args, ours, limit, reference)
-        if any(not args.only or args.only in name
-               for name in [w[0] for w in STORE_WORKLOADS] + [SNAPSHOT_ROW]):
-            ok &= run_store(args, twistd, ours, scratch, store_known)
+            results["stix"] = run_stix(args, ours, limit, reference)
+            show(results, "stix")
+        if any(selected(args.only, name) for name in [w[0] for w in STORE_WORKLOADS] + [SNAPSHOT_ROW]):
+            if store_known:
+                results["store"] = run_store(args, twistd, ours, scratch)
+                show(results, "store")
+            else:
+                print("\nstore rows: not run, this txthreatbus does not know the store key")
+                ok = False
+                partial = partial or "no store rows"
+    rows = results["main"] + results.get("stix", {}).get("rows", []) + results.get("store", [])
+    ok &= all(row["met"] for row in rows)
+    if args.no_write:
+        pass
+    elif partial:
+        print(f"a partial run ({partial}): {args.results} and {args.readme} left as they were", file=sys.stderr)
+    else:
+        write_results(args.results, results)
+        write_readme(args.readme, render(results))
+        print(f"wrote {args.results}, and its tables into {args.readme}", file=sys.stderr)
     sys.exit(0 if ok else 1)
 
 
-def run(args, ours: str, limit: str) -> bool:
-    """Run the workloads against ``ours`` and ``limit``, print the table; whether every target was met."""
+def show(results: dict, table: str) -> None:
+    """Print one table of ``results``, as render puts it in the README."""
+    if results[table]:
+        print()
+        print(render({table: results[table]}), end="")
+
+
+def sign_of(better: str) -> str:
+    return ">=" if better == "higher" else "<="
+
+
+def ratio(a, b):
+    """``a / b``, or None if either is missing or ``b`` is 0."""
+    return a / b if a is not None and b else None
+
+
+def judged(row: dict) -> dict:
+    """``row`` with whether it met its target."""
+    return {**row, "met": meets(row)}
+
+
+def run(args, ours: str, limit: str) -> list:
+    """Run the workloads against ``ours`` and ``limit``, and the memory row: the main table's rows."""
 
     rows = []
-    ok = True
     for name, wargs, figure, target, better in WORKLOADS:
-        if args.only and args.only not in name:
+        if not selected(args.only, name):
             continue
         results = {"ours": [], "limit": []}
         for _ in range(args.runs):
@@ -283,41 +378,28 @@ def run(args, ours: str, limit: str) -> bool:
                 print(f"  {name:16} {who:5} {json.dumps(r)}", file=sys.stderr)
         ours_v = statistics.median(r[figure] for r in results["ours"])
         limit_v = statistics.median(r[figure] for r in results["limit"])
-        loss = max(r.get("loss", 0) for r in results["ours"])
-        ratio = ours_v / limit_v if limit_v else float("inf")
-        met = (ratio >= target if better == "higher" else ratio <= target) and loss == 0
-        ok &= met
-        rows.append((name, figure, ours_v, limit_v, ratio, target, better, loss, met))
-
-    if not rows and args.only and "memory" not in args.only:
-        return ok
-    print()
-    print("| workload | figure | txthreatbus | limit_server | ratio | target | loss | met |")
-    print("|---|---|---:|---:|---:|---:|---:|---|")
-    for name, figure, o, l, ratio, target, better, loss, met in rows:
-        sign = ">=" if better == "higher" else "<="
-        print(
-            f"| {name} | {figure} | {o:,.1f} | {l:,.1f} | {ratio:.2f} | {sign} {target} | {loss} | "
-            f"{'yes' if met else 'NO'} |"
-        )
-    if not args.only or "memory" in args.only:
-        per_sub = idle_subscription_memory(ours)
-        met = per_sub <= 4096
-        ok &= met
-        print(f"| memory | RSS per idle subscription (10,000) | {per_sub:,.0f} B | | | <= 4096 B | | "
-              f"{'yes' if met else 'NO'} |")
-    return ok
+        rows.append(judged({
+            "workload": name, "figure": figure, "ours": ours_v, "limit": limit_v,
+            "ratio": ratio(ours_v, limit_v), "sign": sign_of(better), "target": target,
+            "loss": max(r.get("loss", 0) for r in results["ours"]),
+        }))
+    if selected(args.only, MEMORY_ROW):
+        rows.append(judged({
+            "workload": MEMORY_ROW, "figure": f"RSS per idle subscription ({MEMORY_SUBSCRIPTIONS:,})",
+            "value": idle_subscription_memory(ours), "unit": "B",
+            "sign": "<=", "target": MEMORY_TARGET_B, "loss": None,
+        }))
+    return rows
 
 
-def run_stix(args, ours: str, limit: str, reference: str | None) -> bool:
+def run_stix(args, ours: str, limit: str, reference: str | None) -> dict:
     """Run the STIX workloads against ``ours``, ``limit`` and ``reference``
-    (None: skipped), print their table; whether every target was met."""
+    (None: skipped): the STIX table, its reference's packages (None: not run) and its rows."""
 
     servers = [("ours", ours), ("limit", limit)] + ([("ref", reference)] if reference else [])
     rows = []
-    ok = True
     for name, wargs, ref_args, figure, target, better in STIX_WORKLOADS:
-        if args.only and args.only not in name:
+        if not selected(args.only, name):
             continue
         results = {who: [] for who, _ in servers}
         failed = set()  # a server that failed a run of this row is not run again for it
@@ -341,30 +423,12 @@ def run_stix(args, ours: str, limit: str, reference: str | None) -> bool:
             return max(r.get("loss", 0) + r.get("wrong_topic", 0) for r in rs) if rs else None
 
         ours_v, limit_v, ref_v = median("ours"), median("limit"), median("ref")
-        ratio = ours_v / limit_v if ours_v is not None and limit_v else None
-        ref_ratio = ref_v / limit_v if ref_v is not None and limit_v else None
-        met = ratio is not None and loss("ours") == 0 and (
-            target is None or (ratio >= target if better == "higher" else ratio <= target))
-        ok &= met
-        rows.append((name, figure, ours_v, limit_v, ref_v, ratio, ref_ratio, target, better,
-                     loss("ours"), loss("ref"), met))
-
-    def num(v, fmt="{:,.1f}"):
-        return "failed" if v is None else fmt.format(v)
-
-    print()
-    print("| workload | figure | txthreatbus | stix yardstick | reference | txthreatbus/yardstick "
-          "| reference/yardstick | target | loss | reference loss | met |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
-    for name, figure, o, l, r, ratio, ref_ratio, target, better, loss_o, loss_r, met in rows:
-        sign = ">=" if better == "higher" else "<="
-        print(
-            f"| {name} | {figure} | {num(o)} | {num(l)} | {'skipped' if reference is None else num(r)} "
-            f"| {num(ratio, '{:.2f}')} | {'' if reference is None else num(ref_ratio, '{:.3f}' if better == 'higher' else '{:.2f}')} "
-            f"| {'-' if target is None else f'{sign} {target}'} | {num(loss_o, '{}')} "
-            f"| {'' if reference is None else num(loss_r, '{}')} | {'yes' if met else 'NO'} |"
-        )
-    return ok
+        rows.append(judged({
+            "workload": name, "figure": figure, "ours": ours_v, "limit": limit_v, "ref": ref_v,
+            "ratio": ratio(ours_v, limit_v), "ref_ratio": ratio(ref_v, limit_v),
+            "sign": sign_of(better), "target": target, "loss": loss("ours"), "ref_loss": loss("ref"),
+        }))
+    return {"reference": " ".join(REFERENCE_PACKAGES) if reference else None, "rows": rows}
 
 
 def store_server(twistd: str, scratch: str, run: int) -> tuple:
@@ -390,21 +454,16 @@ def run_snapshot(snapshot: str, twistd: str) -> dict:
     return json.loads(lines[-1])
 
 
-def run_store(args, twistd: str, off: str, scratch: str, store_known: bool) -> bool:
+def run_store(args, twistd: str, off: str, scratch: str) -> list:
     """Run the store rows: the workloads with the store on and ``off``,
-    alternating, and the snapshot; print their table; whether every target was met."""
+    alternating, and the snapshot: the store table's rows."""
 
     import shutil
 
-    if not store_known:
-        print()
-        print("| store rows | not run: this txthreatbus does not know the store key | | | | | | NO |")
-        return False
     rows = []
-    ok = True
     runs = 0
     for name, wargs, figure, target, better in STORE_WORKLOADS:
-        if args.only and args.only not in name:
+        if not selected(args.only, name):
             continue
         results = {"on": [], "off": []}
         for i in range(args.runs):
@@ -422,40 +481,182 @@ def run_store(args, twistd: str, off: str, scratch: str, store_known: bool) -> b
                 print(f"  {name:20} {who:5} {json.dumps(r)}", file=sys.stderr)
         on_v = statistics.median(r[figure] for r in results["on"])
         off_v = statistics.median(r[figure] for r in results["off"])
-        loss = max(r.get("loss", 0) for r in results["on"] + results["off"])
-        ratio = on_v / off_v if off_v else float("inf")
-        met = (ratio >= target if better == "higher" else ratio <= target) and loss == 0
-        ok &= met
-        sign = ">=" if better == "higher" else "<="
-        rows.append(f"| {name} | {figure} | {on_v:,.1f} | {off_v:,.1f} | {ratio:.2f} | {sign} {target} "
-                    f"| {loss} | {'yes' if met else 'NO'} |")
+        rows.append(judged({
+            "workload": name, "figure": figure, "on": on_v, "off": off_v, "ratio": ratio(on_v, off_v),
+            "sign": sign_of(better), "target": target,
+            "loss": max(r.get("loss", 0) for r in results["on"] + results["off"]),
+        }))
 
-    if not args.only or args.only in SNAPSHOT_ROW:
+    if selected(args.only, SNAPSHOT_ROW):
         snapshot = os.path.join(HERE, "snapshot.py")
         results = []
         for _ in range(args.snapshot_runs or args.runs):
             r = run_snapshot(snapshot, twistd)
             results.append(r)
             print(f"  {SNAPSHOT_ROW:20} {json.dumps(r)}", file=sys.stderr)
-        complete = all(r["complete"] for r in results)
-        missing = max(SNAPSHOT_ITEMS - r["received"] for r in results)
         seconds = statistics.median(r["snapshot_s"] if r["complete"] else float("inf") for r in results)
-        growth = statistics.median(r["rss_growth_mib"] for r in results)
         peak = max(r["rss_peak_growth_mib"] for r in results)
-        met_s = complete and seconds < SNAPSHOT_TARGET_S
-        met_m = growth < SNAPSHOT_TARGET_MIB
-        ok &= met_s and met_m
-        rows.append(f"| {SNAPSHOT_ROW} | s until {SNAPSHOT_ITEMS:,} live intel arrived | {seconds:,.2f} | | "
-                    f"| < {SNAPSHOT_TARGET_S:g} s | {missing} | {'yes' if met_s else 'NO'} |")
-        rows.append(f"| {SNAPSHOT_ROW} | bus RSS growth, MiB (peak {peak:,.1f}) | {growth:,.1f} | | "
-                    f"| < {SNAPSHOT_TARGET_MIB:g} MiB | | {'yes' if met_m else 'NO'} |")
+        rows.append(judged({  # an incomplete snapshot lost items: its row is missed
+            "workload": SNAPSHOT_ROW, "figure": f"time until {SNAPSHOT_ITEMS:,} live intel arrived",
+            "value": None if seconds == float("inf") else seconds, "unit": "s",
+            "sign": "<", "target": SNAPSHOT_TARGET_S,
+            "loss": max(SNAPSHOT_ITEMS - r["received"] for r in results),
+        }))
+        rows.append(judged({
+            "workload": SNAPSHOT_ROW, "figure": f"bus RSS growth (peak {peak:,.1f} MiB)",
+            "value": statistics.median(r["rss_growth_mib"] for r in results), "unit": "MiB",
+            "sign": "<", "target": SNAPSHOT_TARGET_MIB, "loss": None,
+        }))
+    return rows
 
-    print()
-    print("| workload | figure | store on | store off | on/off | target | loss | met |")
-    print("|---|---|---:|---:|---:|---:|---:|---|")
+
+# The tables, from the results alone. A row is judged on its ratio, or, a
+# row without one (memory, snapshot), on its value, in its unit.
+
+COMPARE = {">=": operator.ge, "<=": operator.le, "<": operator.lt}
+UNIT_FORMATS = {"B": "{:,.0f} B", "s": "{:,.2f} s", "MiB": "{:,.1f} MiB"}
+
+
+def meets(row: dict) -> bool:
+    """Whether ``row`` met its target (None: any figure does), nothing lost."""
+    value = row["ratio"] if "ratio" in row else row["value"]
+    if value is None or row.get("loss"):
+        return False
+    return row["target"] is None or COMPARE[row["sign"]](value, row["target"])
+
+
+def render(results: dict) -> str:
+    """The README's block: where and how the figures were measured (when
+    ``results`` say), then each table ``results`` hold, in markdown."""
+    parts = []
+    if "runs" in results:
+        parts.append(provenance(results))
+    if results.get("main"):
+        parts.append("Against the yardstick, `bench/limit_server.py`:\n\n" + render_main(results["main"]))
+    if results.get("stix"):
+        parts.append("The STIX-2.1 generation, against the yardstick and the reference, "
+                     "Threat Bus 2022.5.16:\n\n" + render_stix(results["stix"]))
+    if results.get("store"):
+        parts.append("What the intel store costs (the SQLite store on against off), "
+                     "and a snapshot of live intel:\n\n" + render_store(results["store"]))
+    return "\n".join(parts)
+
+
+def provenance(results: dict) -> str:
+    m = results["machine"]
+    runs = f"medians of {results['runs']} runs each"
+    if results.get("snapshot_runs", results["runs"]) != results["runs"]:
+        runs += f" ({results['snapshot_runs']} of the snapshot)"
+    return (f"Written by `python bench/run.py` on {results['date']}: {runs}, the servers side by side, "
+            f"on {m['platform']}, {m['cpus']} CPUs, Python {m['python']}. "
+            f"The figures unrounded: [bench/results.json](bench/results.json).\n")
+
+
+def render_main(rows: list) -> str:
+    return ratio_table(("txthreatbus", "limit_server", "ratio"), ("ours", "limit"), rows)
+
+
+def render_store(rows: list) -> str:
+    return ratio_table(("store on", "store off", "on/off"), ("on", "off"), rows)
+
+
+def render_stix(stix: dict) -> str:
+    ran = stix["reference"] is not None
+    head = ["workload", "figure", "txthreatbus:", "stix yardstick:", "reference:", "txthreatbus/yardstick:",
+            "reference/yardstick:", "target:", "loss:", "reference loss:", "met"]
+    lines = []
+    for row in stix["rows"]:
+        ref_format = "{:.3f}" if row["sign"].startswith(">") else "{:.2f}"
+        lines.append([
+            row["workload"], row["figure"], number(row["ours"]), number(row["limit"]),
+            number(row["ref"]) if ran else "skipped", number(row["ratio"], "{:.2f}"),
+            number(row["ref_ratio"], ref_format) if ran else "", target_cell(row),
+            number(row["loss"], "{}"), number(row["ref_loss"], "{}") if ran else "", met_cell(row),
+        ])
+    return table(head, lines)
+
+
+def ratio_table(columns: tuple, keys: tuple, rows: list) -> str:
+    """A table of two figures (``columns`` their headings and their ratio's,
+    ``keys`` their keys in a row) and their ratio; a row without a ratio shows its value."""
+    head = ["workload", "figure", *(c + ":" for c in columns), "target:", "loss:", "met"]
+    lines = []
     for row in rows:
-        print(row)
-    return ok
+        if "ratio" in row:
+            figures = [number(row[keys[0]]), number(row[keys[1]]), number(row["ratio"], "{:.2f}")]
+        else:
+            figures = [number(row["value"], UNIT_FORMATS[row["unit"]]), "", ""]
+        loss = "" if row["loss"] is None else str(row["loss"])
+        lines.append([row["workload"], row["figure"], *figures, target_cell(row), loss, met_cell(row)])
+    return table(head, lines)
+
+
+def table(head: list, lines: list) -> str:
+    """A markdown table: ``head`` its headings (ending in ":" for a column
+    aligned right), ``lines`` lists of cells."""
+    out = ["| " + " | ".join(h.rstrip(":") for h in head) + " |",
+           "|" + "|".join("---:" if h.endswith(":") else "---" for h in head) + "|"]
+    out += ["| " + " | ".join(cells) + " |" for cells in lines]
+    return "\n".join(out) + "\n"
+
+
+def number(value, fmt: str = "{:,.1f}") -> str:
+    return "failed" if value is None else fmt.format(value)
+
+
+def target_cell(row: dict) -> str:
+    if row["target"] is None:
+        return "-"
+    unit = f" {row['unit']}" if row.get("unit") else ""
+    return f"{row['sign']} {row['target']:g}{unit}"
+
+
+def met_cell(row: dict) -> str:
+    return "yes" if meets(row) else "NO"
+
+
+# The files: the results, and the README's block.
+
+def replace_block(text: str, block: str) -> str:
+    """``text`` with the lines between its BEGIN and END lines replaced by ``block``."""
+    begin, end = text.find(BEGIN + "\n"), text.find("\n" + END)
+    if text.count(BEGIN) != 1 or text.count(END) != 1 or begin < 0 or end < begin:
+        raise ValueError(f"not one {BEGIN} line, then one {END} line")
+    if block and not block.endswith("\n"):
+        block += "\n"
+    return text[: begin + len(BEGIN) + 1] + block + text[end + 1 :]
+
+
+def check_readme(path: str) -> None:
+    """Exit unless ``path`` has a block to write the tables into."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            replace_block(f.read(), "")
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"{path}: {e}")
+
+
+def write_readme(path: str, block: str) -> None:
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    write_file(path, replace_block(text, block))
+
+
+def write_results(path: str, results: dict) -> None:
+    write_file(path, json.dumps(results, indent=2, allow_nan=False) + "\n")
+
+
+def load_results(path: str) -> dict:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def write_file(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` whole or not at all."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":
