@@ -134,10 +134,16 @@ class BadInputTests(TestCase):
         return self.ctx.socket(kind, f"tcp://127.0.0.1:{self.ports['manage']}")
 
     async def test_dealer_without_delimiter(self):
-        """A raw DEALER's frames without an empty delimiter are dropped and counted."""
+        """
+        A raw DEALER's frames without an empty delimiter are no request:
+        the REP socket discards them, unanswered, and answers what follows.
+        """
         dealer = self.manage(zmq.DEALER)
         dealer.send(json.dumps({"action": "subscribe", "topic": "threatbus"}).encode())
-        await wait_for(lambda: self.metrics.dropped("manage_no_delimiter") == 1)
+        dealer.send_multipart([b"", json.dumps({"action": "heartbeat", "topic": "x"}).encode()])
+        [frames] = await receive(dealer, 1)
+        self.assertEqual(json.loads(frames[-1]), {"status": "error"})
+        self.assertEqual(len(zmq_app_of(self.top).subscriptions), 0)
         await assert_healthy(self, self.top, self.ctx)
 
     async def test_flood_logged_once(self):

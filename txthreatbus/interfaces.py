@@ -78,8 +78,12 @@ class IServerSockets(Interface):
     def receiver(receive, port):
         """The SUB endpoint: ``receive(frames)`` for each message apps publish."""
 
-    def manage(handle, port):
-        """The management endpoint: ``handle(frames, peer)`` answers each request."""
+    def manage(answer, port):
+        """
+        The management endpoint: ``answer(frames, peer)`` gives each
+        request's reply, as JSON bytes; ``peer`` is a callable that gives
+        the network address the request came from.
+        """
 
     def close():
         """A Deferred that fires once every socket is closed and all is freed."""

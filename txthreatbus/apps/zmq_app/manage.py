@@ -3,15 +3,17 @@ The management endpoint: subscribe, unsubscribe and heartbeat, JSON over
 request-reply, with exactly the replies of docs/protocol.md.
 
 ``ManagementHandler.handle`` turns any request frames into a reply dict and
-never raises; ``ManageConnection`` puts it on a ROUTER socket (apps see a
-REP) and drops, counted, what is not a request at all (no empty delimiter).
+never raises, and ``answer`` gives that reply's JSON; ``ManageConnection`` puts it on a REP socket, which answers
+each request before it reads the next (libzmq itself discards what is not a
+request at all: a message without the empty delimiter frame of REQ).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from datetime import timedelta
-from typing import Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import zmq
 from twisted.logger import Logger
@@ -29,7 +31,6 @@ UNKNOWN = {"status": "unknown request"}
 
 _ACTIONS = ("subscribe", "unsubscribe", "heartbeat")
 
-# Plain ints: combining pyzmq's flag enums costs a Python call each time.
 #: The replies that never change, encoded once (by identity: they are
 #: returned as they are).
 _ENCODED = {id(reply): json.dumps(reply).encode() for reply in (SUCCESS, ERROR, UNKNOWN)}
@@ -41,8 +42,8 @@ def encode(reply: dict) -> bytes:
     return encoded if encoded is not None else json.dumps(reply).encode()
 
 
+# Plain ints: combining pyzmq's flag enums costs a Python call each time.
 _NOBLOCK = int(zmq.NOBLOCK)
-_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
 
 
 def snapshot_days(value) -> Optional[int]:
@@ -74,8 +75,7 @@ def subscription_topics(topic) -> Optional[Tuple[str, ...]]:
     list of STIX-2 topics (only Threat Bus 2021 and later sends lists).
     """
     if isinstance(topic, str):
-        topic = topic[:-1] if topic.endswith("/") else topic
-        return (topic,) if snapshot_types(topic) else None
+        return _topic(topic)
     if not isinstance(topic, list) or len(topic) > MAX_TOPICS:
         return None
     topics = []
@@ -90,6 +90,16 @@ def subscription_topics(topic) -> Optional[Tuple[str, ...]]:
     return tuple(topics)
 
 
+@functools.lru_cache(maxsize=256)  # apps name the same few topics, again and again
+def _topic(topic: str) -> Optional[Tuple[str, ...]]:
+    topic = topic[:-1] if topic.endswith("/") else topic
+    return (topic,) if snapshot_types(topic) else None
+
+
+#: Where a request came from: its network address, or a callable that gives it.
+Peer = Union[str, Callable[[], str]]
+
+
 class ManagementHandler:
     """
     Answers management requests for the subscriptions of one zmq-app.
@@ -102,9 +112,30 @@ class ManagementHandler:
         self._endpoints = endpoints
         self._metrics = metrics
         self._throttle = logs.Throttle(clock)
+        # A subscribe reply is this with its P2P topic (32 letters) between
+        # the quotes of the first "": json.dumps would write just that.
+        template = json.dumps(self._subscribed("")).encode()
+        self._head, self._tail = template.split(b'""', 1)
 
-    def handle(self, frames: Sequence[bytes], peer: str = "") -> dict:
-        """The reply to a request of ``frames`` from network address ``peer``."""
+    def _subscribed(self, p2p: str) -> dict:
+        return {"topic": p2p, **self._endpoints, "status": "success"}
+
+    def answer(self, frames: Sequence[bytes], peer: Peer = "") -> bytes:
+        """The JSON of the reply to a request of ``frames`` from ``peer``."""
+        reply = self.handle(frames, peer)
+        wire = _ENCODED.get(id(reply))
+        if wire is None:
+            if "topic" not in reply:  # pragma: no cover - every other reply is a constant
+                return encode(reply)
+            wire = b'%s"%s"%s' % (self._head, reply["topic"].encode("ascii"), self._tail)
+        return wire
+
+    def handle(self, frames: Sequence[bytes], peer: Peer = "") -> dict:
+        """
+        The reply to a request of ``frames`` from network address ``peer``:
+        a string, or a callable that gives it (called only for a subscribe,
+        the one request that needs it).
+        """
         if len(frames) != 1:
             return self._error("a request of {n} frames", n=len(frames))
         try:
@@ -123,7 +154,7 @@ class ManagementHandler:
             )
             return UNKNOWN
         if action == "subscribe":
-            return self._subscribe(topic, request.get("snapshot"), peer)
+            return self._subscribe(topic, request.get("snapshot"), peer if type(peer) is str else peer())
         if not isinstance(topic, str):
             return self._error("a topic that is not a string: {topic!r}", topic=topic)
         if action == "heartbeat":
@@ -152,7 +183,7 @@ class ManagementHandler:
             self._metrics.drop(refusal)
             return ERROR
         sub = self._subscriptions.subscribe(topics, timedelta(days=days), peer)
-        return {"topic": sub.p2p, **self._endpoints, "status": "success"}
+        return self._subscribed(sub.p2p)
 
     def _error(self, what: str, **fields) -> dict:
         self._metrics.drop("manage_error")
@@ -170,35 +201,26 @@ def peer_address(frame) -> str:
 
 class ManageConnection(BatchedReadConnection):
     """
-    A REP-compatible ROUTER socket answering each request with
-    ``handle(frames)`` at once. Requests are read in batches until the socket
-    is empty, so that the reply sent last cannot hide a request that arrived
-    meanwhile (ZeroMQ's descriptor is edge-triggered).
+    The management endpoint's REP socket, answering each request with
+    ``answer(frames, peer)`` as it reads it. A REP drops, never blocks, a
+    reply that an app's full queue cannot take.
     """
 
-    socketType = zmq.ROUTER
+    socketType = zmq.REP
 
-    def __init__(self, factory, handle, metrics, clock, max_message_size: int):
-        self._handle = handle
-        self._metrics = metrics
-        self._throttle = logs.Throttle(clock)
+    def __init__(self, factory, answer, max_message_size: int):
+        self._answer = answer
         BatchedReadConnection.__init__(self, factory)
         self.socket.setsockopt(zmq.MAXMSGSIZE, max_message_size)
 
     def messageReceived(self, message):
-        # [routing..., b"", request...]; a raw DEALER may send no delimiter
         try:
-            delimiter = message.index(b"", 1)
-        except ValueError:
-            self._metrics.drop("manage_no_delimiter")
-            self._throttle(
-                "no_delimiter", log.info, "Dropped a management message without an empty delimiter frame"
-            )
-            return
-        peer = peer_address(self.frame)
-        reply = encode(self._handle(message[delimiter + 1 :], peer))
-        # A ROUTER drops, never blocks, what an app's full queue cannot take.
-        send = self.socket.send
-        for frame in message[: delimiter + 1]:
-            send(frame, _MORE)
-        send(reply, _NOBLOCK)
+            reply = self._answer(message, self._peer)
+        except Exception:
+            # a REP reads the next request only once this one is answered
+            log.failure("Answering a management request failed")
+            reply = encode(ERROR)
+        self.socket.send(reply, _NOBLOCK)
+
+    def _peer(self) -> str:
+        return peer_address(self.frame)

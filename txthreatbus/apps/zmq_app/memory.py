@@ -121,13 +121,13 @@ class MemoryReceiver(_Closable):
 
 @implementer(IConnection)
 class MemoryRouter(_Closable):
-    def __init__(self, handle):
-        self._handle = handle
+    def __init__(self, answer):
+        self._answer = answer
 
     def request(self, value, peer: str = "127.0.0.1"):
         """Send ``value`` (a JSON value, or raw bytes) from ``peer``; the decoded reply."""
         frame = value if isinstance(value, bytes) else json.dumps(value).encode()
-        return json.loads(json.dumps(self._handle([frame], peer)))
+        return json.loads(self._answer([frame], lambda: peer))
 
 
 @implementer(IServerSockets)
@@ -148,8 +148,8 @@ class MemorySockets:
         self.receiver_socket = MemoryReceiver(receive)
         return self.receiver_socket, port or 2
 
-    def manage(self, handle, port):
-        self.router = MemoryRouter(handle)
+    def manage(self, answer, port):
+        self.router = MemoryRouter(answer)
         return self.router, port or 3
 
     def close(self):

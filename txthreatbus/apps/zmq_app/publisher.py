@@ -124,32 +124,41 @@ class Publisher:
 
     def send(self, sub, message) -> None:
         """Send ``message`` to the app of ``sub``, at the end of this reactor turn."""
+        self.send_all((sub,), message)
+
+    def send_all(self, subs, message) -> None:
+        """
+        Send ``message`` to the apps of ``subs``, at the end of this reactor
+        turn: encoded once, each app's frame its P2P topic before that.
+        """
         cls = type(message)
-        self._metrics.published[cls.kind].inc()
-        if cls is SnapshotRequest and sub.stix:
-            frame = sub.prefix + _SUFFIXES[cls] + codec.encode_2022_request(message)
-        else:
-            frame = sub.prefix + _SUFFIXES[cls] + codec.encode(message)
-        size = len(frame) + FRAME_OVERHEAD
-        if sub.pending_bytes + size > self._buffer_bytes and self._can_send(sub):
-            self._flush(sub)  # full: send it all now if the app can take it
-        pending = sub.pending
-        if pending is None:
-            pending = sub.pending = deque()
-            self._waiting[sub] = None
-        pending.append(frame)
-        sub.pending_bytes += size
-        self.held_bytes += size
-        if sub.pending_bytes > self._buffer_bytes or self.held_bytes > self._max_buffered_bytes:
-            self._bound(sub)
-        if sub.readers and sub.pending is not None:
-            # (the hot path: _make_due, inline)
-            self._due[sub] = None
-            self._due_frames += 1
-            if self._due_frames >= FLUSH_FRAMES:
-                self._flush_due()
-            elif self._turn is None:
-                self._turn = self._clock.callLater(0, self._end_turn)
+        self._metrics.published[cls.kind].inc(len(subs))
+        tail = _SUFFIXES[cls] + codec.encode(message)
+        # the one message both generations get, each in its own shape
+        tail_2022 = _SUFFIXES[cls] + codec.encode_2022_request(message) if cls is SnapshotRequest else tail
+        limit = self._buffer_bytes
+        due = self._due
+        for sub in subs:
+            frame = sub.prefix + (tail_2022 if sub.stix else tail)
+            size = len(frame) + FRAME_OVERHEAD
+            if sub.pending_bytes + size > limit and self._can_send(sub):
+                self._flush(sub)  # full: send it all now if the app can take it
+            pending = sub.pending
+            if pending is None:
+                pending = sub.pending = deque()
+                self._waiting[sub] = None
+            pending.append(frame)
+            sub.pending_bytes += size
+            self.held_bytes += size
+            if sub.pending_bytes > limit or self.held_bytes > self._max_buffered_bytes:
+                self._bound(sub)
+            if sub.readers and sub.pending is not None:
+                due[sub] = None
+        self._due_frames += len(subs)
+        if self._due_frames >= FLUSH_FRAMES:
+            self._flush_due()
+        elif self._turn is None and due:
+            self._turn = self._clock.callLater(0, self._end_turn)
 
     def _make_due(self, sub) -> None:
         self._due[sub] = None

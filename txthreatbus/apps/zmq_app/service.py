@@ -143,7 +143,7 @@ class ZmqAppService(MultiService):
             self._metrics,
             self._clock,
         )
-        return self.sockets.manage(handler.handle, self.config.manage)
+        return self.sockets.manage(handler.answer, self.config.manage)
 
     def _say_where(self) -> None:
         host, advertised = self.config.host, advertised_host(self.config)

@@ -120,8 +120,8 @@ class ZmqSockets:
         DisconnectMonitor(self._zmq(), connection, "sub", self._metrics, self._reactor, LogLevel.info)
         return connection, port
 
-    def manage(self, handle, port):
-        connection = ManageConnection(self._zmq(), handle, self._metrics, self._reactor, self._config.max_message_size)
+    def manage(self, answer, port):
+        connection = ManageConnection(self._zmq(), answer, self._config.max_message_size)
         port = self._bind(connection, port, "manage")
         # request-reply clients come and go: their leaving is no news
         DisconnectMonitor(self._zmq(), connection, "manage", self._metrics, self._reactor, LogLevel.debug)

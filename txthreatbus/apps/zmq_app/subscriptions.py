@@ -1,9 +1,10 @@
 """
 The apps subscribed through the zmq-app plugin, and what each one holds.
 
-Each subscription is a bus consumer with its own point-to-point (P2P) topic.
-What the bus hands it is framed for the app and given to the publisher; the
-subscription keeps the frames that cannot be sent yet (the app's SUB socket
+Each subscription has its own point-to-point (P2P) topic. The bus consumer
+of a topic is a ``Fanout`` of every subscription to it, which hands each
+message to the publisher once for all of them (it is encoded once, and
+framed for each app); a subscription keeps the frames that cannot be sent yet (the app's SUB socket
 has not subscribed, or it reads too slowly) in a buffer bounded in bytes. A
 subscription also owns its liveness timer and its pending snapshot: removing
 it frees both.
@@ -54,6 +55,8 @@ def new_p2p_topic() -> str:
 
 def _outermost(topics: Tuple[str, ...]) -> Tuple[str, ...]:
     """``topics`` without repeats and those under another of them: each message comes once."""
+    if len(topics) == 1:
+        return topics
     topics = tuple(dict.fromkeys(topics))
     return tuple(t for t in topics if not any(o != t and matches(o, t) for o in topics))
 
@@ -103,6 +106,20 @@ class AppSubscription:
         return f"<AppSubscription {self.p2p} to {', '.join(self.topics)}>"
 
 
+class Fanout:
+    """The bus consumer of one topic: its messages go to the apps of ``subs``."""
+
+    __slots__ = ("subs", "_send_all")
+
+    def __init__(self, send_all):
+        #: The subscriptions to the topic, in the order they came.
+        self.subs: Dict[AppSubscription, None] = {}
+        self._send_all = send_all
+
+    def __call__(self, message) -> None:
+        self._send_all(self.subs, message)
+
+
 @attrs.frozen(eq=False)
 class _HeldRequest:
     number: int
@@ -143,6 +160,7 @@ class Subscriptions:
         self._throttle = logs.Throttle(clock)
         self._by_p2p: Dict[str, AppSubscription] = {}
         self._by_peer: Dict[str, int] = {}
+        self._fanouts: Dict[str, Fanout] = {}
         #: Snapshot requests from other apps, each held once, in arrival order.
         self._requests: Dict[tuple, _HeldRequest] = {}
         self._request_number = 0
@@ -181,7 +199,11 @@ class Subscriptions:
         if self._timeout:
             sub.timer = self._clock.callLater(self._timeout, self._expire, p2p)
         for topic in _outermost(topics):
-            self._bus.subscribe(topic, sub)
+            fanout = self._fanouts.get(topic)
+            if fanout is None:
+                fanout = self._fanouts[topic] = Fanout(self._publisher.send_all)
+                self._bus.subscribe(topic, fanout)
+            fanout.subs[sub] = None
         self._bus.metrics.subscriptions.inc()
         self._throttle(
             "subscribed", log.info, "Subscribed {p2p} to {topic}", p2p=p2p, topic=", ".join(topics)
@@ -329,7 +351,11 @@ class Subscriptions:
         if count:
             self._by_peer[sub.peer] = count
         for topic in _outermost(sub.topics):
-            self._bus.unsubscribe(topic, sub)
+            fanout = self._fanouts[topic]
+            del fanout.subs[sub]
+            if not fanout.subs:
+                del self._fanouts[topic]
+                self._bus.unsubscribe(topic, fanout)
         self._bus.metrics.subscriptions.dec()
         if sub.timer is not None and sub.timer.active():
             sub.timer.cancel()
