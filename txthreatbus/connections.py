@@ -46,6 +46,10 @@ class BatchedReadConnection(ZmqConnection):
     #: The clock of ``batch_seconds``.
     now = staticmethod(time.monotonic)
     frame = None
+    #: Whether each frame is a message of its own, as Threat Bus reads
+    #: what apps publish: ZeroMQ is not asked whether more frames follow,
+    #: which costs more than a small frame itself (``frame`` stays None).
+    frame_by_frame = False
 
     def doRead(self):
         """The reactor's call: the socket's descriptor is readable (ZeroMQ has news)."""
@@ -63,26 +67,32 @@ class BatchedReadConnection(ZmqConnection):
                 self.read_scheduled.cancel()
             self.read_scheduled = None
         recv = self.socket.recv
+        whole = not self.frame_by_frame
         size = 0
         deadline = self.now() + self.batch_seconds
         for _ in range(self.batch):
             if self.factory is None:  # shut down meanwhile
                 return
             try:
-                # recv_multipart asks ZMQ_RCVMORE with getsockopt, which
-                # costs more than the frame itself: a Frame knows it
-                frame = recv(zmq.NOBLOCK, copy=False)
-                data = frame.bytes
-                message = [data]
-                size += len(data)
-                while frame.more:
-                    frame = recv(zmq.NOBLOCK, copy=False)
+                if whole:
+                    # recv_multipart asks ZMQ_RCVMORE with getsockopt, which
+                    # costs more than the frame itself: a Frame knows it
+                    frame = recv(_NOBLOCK, copy=False)
                     data = frame.bytes
-                    message.append(data)
+                    message = [data]
+                    size += len(data)
+                    while frame.more:
+                        frame = recv(_NOBLOCK, copy=False)
+                        data = frame.bytes
+                        message.append(data)
+                        size += len(data)
+                    self.frame = frame
+                else:
+                    data = recv(_NOBLOCK)
+                    message = [data]
                     size += len(data)
             except zmq.Again:
                 return
-            self.frame = frame
             try:
                 self.messageReceived(message)
             except Exception:
@@ -101,6 +111,7 @@ class XPubConnection(BatchedReadConnection):
     """
 
     socketType = zmq.XPUB
+    frame_by_frame = True  # (subscription notices are single frames)
 
     def __init__(self, factory, notify, send_hwm: int):
         self._notify = notify

@@ -37,9 +37,7 @@ class Receiver:
         self._throttle = logs.Throttle(clock)
 
     def __call__(self, message) -> None:
-        """Take one message (a list of frames) from an app."""
-        if len(message) != 1:
-            return self._drop("multipart", "a message of {n} frames", n=len(message))
+        """Take one message (a list of one frame) from an app."""
         topic, space, body = message[0].partition(b" ")
         if not space:
             return self._drop("no_space", "a frame without a space after the topic")
@@ -63,9 +61,14 @@ class Receiver:
 
 
 class ReceiverConnection(BatchedReadConnection):
-    """A receive-only SUB socket subscribed to ``PREFIXES``, read by ``receive``."""
+    """
+    A receive-only SUB socket subscribed to ``PREFIXES``, read by
+    ``receive`` a frame at a time (the frames of a multipart message are
+    messages of their own, as Threat Bus reads them).
+    """
 
     socketType = zmq.SUB
+    frame_by_frame = True
 
     def __init__(self, factory, receive, receive_hwm: int, max_message_size: int):
         self.messageReceived = receive
