@@ -110,6 +110,9 @@ class Bus(Service):
     snapshot_timeout: float = 3600.0
     bridge: Bridge = attrs.field()
     _consumers: Dict[str, Dict[Consumer, None]] = attrs.field(init=False, factory=dict)
+    #: Who gets an item of each class: its consumers, and those of its
+    #: translation; made when first needed after a (un)subscription.
+    _plans: Dict[type, Tuple[List[Consumer], List[Consumer]]] = attrs.field(init=False, factory=dict)
     _apps: List[IApp] = attrs.field(init=False, factory=list)
     _snapshots: Dict[str, _PendingSnapshot] = attrs.field(init=False, factory=dict)
     _watchers: List[Consumer] = attrs.field(init=False, factory=list)
@@ -133,6 +136,7 @@ class Bus(Service):
     def subscribe(self, topic: str, consumer: Consumer) -> None:
         """Give ``consumer`` every Intel and Sighting on ``topic`` or below."""
         self._consumers.setdefault(topic, {})[consumer] = None
+        self._plans.clear()
 
     def unsubscribe(self, topic: str, consumer: Consumer) -> None:
         """Stop giving ``consumer`` the messages of ``topic``; harmless if it got none."""
@@ -141,6 +145,7 @@ class Bus(Service):
             consumers.pop(consumer, None)
             if not consumers:
                 del self._consumers[topic]
+            self._plans.clear()
 
     def watch(self, watcher: Consumer) -> None:
         """
@@ -179,28 +184,35 @@ class Bus(Service):
                 watcher(message)
             except Exception:
                 log.failure("Watcher {watcher!r} failed", watcher=watcher)
-        reached = self._hand(message, _CHAINS[type(message)])
-        counterparts = _COUNTERPARTS[type(message)]
-        if not self._consumers.keys().isdisjoint(counterparts):
+        cls = type(message)
+        consumers, others = self._plans.get(cls) or self._plan(cls)
+        reached = self._hand(message, consumers)
+        if others:
             translated = self.bridge.translate(message)
             if translated is not None:
-                reached += self._hand(translated, counterparts)
+                reached += self._hand(translated, others)
         if not reached:
             self.metrics.unrouted[message.kind].inc()
 
-    def _hand(self, message, chain) -> int:
-        """Give ``message`` to the consumers of ``chain``; how many there were."""
-        reached = 0
-        for topic in chain:
-            consumers = self._consumers.get(topic)
-            if consumers:
-                reached += len(consumers)
-                for consumer in list(consumers):
-                    try:
-                        consumer(message)
-                    except Exception:
-                        log.failure("Consumer {consumer!r} failed", consumer=consumer)
-        return reached
+    def _plan(self, cls: type) -> Tuple[List[Consumer], List[Consumer]]:
+        """The consumers of items of ``cls``, and of their translations."""
+        consumers = self._consumers
+
+        def of(chain):
+            return [c for topic in chain for c in consumers.get(topic, ())]
+
+        plan = self._plans[cls] = (of(_CHAINS[cls]), of(_COUNTERPARTS[cls]))
+        return plan
+
+    @staticmethod
+    def _hand(message, consumers) -> int:
+        """Give ``message`` to ``consumers``; how many there were."""
+        for consumer in consumers:
+            try:
+                consumer(message)
+            except Exception:
+                log.failure("Consumer {consumer!r} failed", consumer=consumer)
+        return len(consumers)
 
     def _fan_out(self, request: SnapshotRequest) -> None:
         pending = self._snapshots.get(request.snapshot_id)

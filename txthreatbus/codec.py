@@ -140,19 +140,28 @@ def decode(topic: str, data: bytes) -> Message:
     cls = BY_TOPIC.get(topic)
     if cls is None:
         raise DecodeError(f"unknown topic {topic!r}")
+    return decode_message(cls, data)
+
+
+def decode_message(cls: type, data: bytes) -> Message:
+    """
+    The message of class ``cls`` encoded in ``data``; raises
+    ``DecodeError`` if it is not one.
+
+    Where ``data`` already is the message's encoding (as JSON values go),
+    it is kept as that: forwarding it as it came saves encoding it again.
+    """
     # the plain shape straight from its bytes, the rest the general way
     plain = _PLAIN.get(cls)
-    decoded = plain(data) if plain and type(data) is bytes and b"\\" not in data else None
-    if decoded is None:
-        value = loads(data)
-        message = structure(cls, value)
-        if type(message) is not cls:
-            raise DecodeError(f"a {message.kind} on topic {topic}")
-        decoded = message, is_encoding(message, value)
-    message, encoded = decoded
-    if encoded:
-        # ``data`` already is this message's encoding (as JSON values go):
-        # forwarding it as it came saves encoding it again.
+    if plain is not None and type(data) is bytes and b"\\" not in data:
+        message = plain(data)
+        if message is not None:
+            return message
+    value = loads(data)
+    message = structure(cls, value)
+    if type(message) is not cls:
+        raise DecodeError(f"a {message.kind} on topic {cls.topic}")
+    if is_encoding(message, value):
         vars(message)[_MEMO] = bytes(data)
     return message
 
@@ -380,24 +389,23 @@ def _timestamp(what: str, raw: str) -> datetime:
 _RESERVED = ("indicator", "intel_type")
 
 
-def _intel(wire: _IntelWire, value: Optional[dict]) -> Intel:
-    """The Intel of ``wire``; ``value`` is the JSON it came from (None: it held no more)."""
+def _intel(wire: _IntelWire, value: dict) -> Intel:
+    """The Intel of ``wire``, from the JSON ``value``."""
+    extra = {k: v for k, v in value["data"].items() if k not in _RESERVED}
+    return _intel_of(wire, _timestamp("Intel", wire.ts), extra)
+
+
+def _intel_of(wire: _IntelWire, ts: datetime, extra: dict, encoding: Optional[bytes] = None) -> Intel:
     data = wire.data
-    if value is None:
-        extra = {}
-    else:
-        extra = {k: v for k, v in value["data"].items() if k not in _RESERVED}
-    return trusted(
-        Intel,
-        {
-            "ts": _timestamp("Intel", wire.ts),
-            "id": wire.id,
-            "data": trusted(
-                IntelData, {"indicator": data.indicator, "intel_type": data.intel_type, "extra": extra}
-            ),
-            "operation": wire.operation,
-        },
-    )
+    fields = {
+        "ts": ts,
+        "id": wire.id,
+        "data": trusted(IntelData, {"indicator": data.indicator, "intel_type": data.intel_type, "extra": extra}),
+        "operation": wire.operation,
+    }
+    if encoding is not None:
+        fields[_MEMO] = encoding
+    return trusted(Intel, fields)
 
 
 def _sighting(wire: _SightingWire, value=None) -> Sighting:
@@ -466,9 +474,9 @@ def _strings(value) -> int:
     return 0
 
 
-# Each returns the message in ``data`` and whether ``data`` is its encoding
-# (see is_encoding: all but the timestamp carries over as it came), or None
-# if ``data`` is not in the plain shape. msgspec checks the fields, and the
+# Each returns the message in ``data``, which keeps ``data`` as its encoding
+# if it is that (see is_encoding: all but the timestamp carries over as it
+# came), or None if ``data`` is not in the plain shape. msgspec checks the fields, and the
 # count of quotes shows that the text holds nothing the wire shape did not
 # read (no key twice, none unknown, no extra data), since each key and
 # string has two: ``data`` holds no escapes, so every quote is one of them.
@@ -488,8 +496,10 @@ def _plain_intel(data: bytes):
     # operation and the indicator's
     if data.count(b'"') != 2 * (9 + len(wire.data.indicator)):
         return None
-    message = _intel(wire, None)
-    return message, is_ts_encoding(wire.ts, message.ts)
+    ts = _timestamp("Intel", wire.ts)
+    if is_ts_encoding(wire.ts, ts):
+        return _intel_of(wire, ts, {}, data)
+    return _intel_of(wire, ts, {})
 
 
 def _plain_sighting(data: bytes):
@@ -510,11 +520,12 @@ def _plain_sighting(data: bytes):
     if data.count(b'"') != 2 * strings:
         return None
     message = _sighting(wire)
-    encoded = (
+    if (
         context is not _UNSET and context is not None and ioc is not _UNSET
         and is_ts_encoding(wire.ts, message.ts)
-    )
-    return message, encoded
+    ):
+        vars(message)[_MEMO] = data
+    return message
 
 
 def _plain_request(data: bytes):
@@ -524,7 +535,9 @@ def _plain_request(data: bytes):
         return None
     if data.count(b'"') != 2 * 4:  # three keys and the snapshot_id
         return None
-    return _snapshot_request(wire), True
+    message = _snapshot_request(wire)
+    vars(message)[_MEMO] = data
+    return message
 
 
 _PLAIN = {Intel: _plain_intel, Sighting: _plain_sighting, SnapshotRequest: _plain_request}

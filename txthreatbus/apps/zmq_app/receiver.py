@@ -20,8 +20,8 @@ from txthreatbus.model import Intel, Sighting, SnapshotEnvelope
 
 log = Logger(observer=logs.publisher)
 
-#: The 2020 topics apps may publish on.
-TOPICS = {cls.topic.encode() for cls in (Intel, Sighting, SnapshotEnvelope)}
+#: The 2020 topics apps may publish on, and their messages' classes.
+TOPICS = {cls.topic.encode(): cls for cls in (Intel, Sighting, SnapshotEnvelope)}
 #: The prefix of the STIX topics apps may publish on.
 STIX_PREFIX = b"stix2/"
 #: The prefixes the SUB socket subscribes to.
@@ -41,11 +41,12 @@ class Receiver:
         topic, space, body = message[0].partition(b" ")
         if not space:
             return self._drop("no_space", "a frame without a space after the topic")
+        cls = TOPICS.get(topic)
         try:
-            if topic.startswith(STIX_PREFIX):
+            if cls is not None:
+                item = codec.decode_message(cls, body)
+            elif topic.startswith(STIX_PREFIX):
                 item = codec.decode_stix(body)
-            elif topic in TOPICS:
-                item = codec.decode(topic.decode(), body)
             else:
                 return self._drop("unknown_topic", "a message on unknown topic {topic!r}", topic=topic)
         except codec.DecodeError as e:
