@@ -10,13 +10,15 @@ from __future__ import annotations
 import json
 from datetime import datetime, timedelta
 
+import attrs
+
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.test_codec import INTEL, REQUEST, SIGHTING, _slots, json_values, messages
-from tests.vectors import VECTORS
-from txthreatbus import codec
+from tests.vectors import STIX_VECTORS, VECTORS
+from txthreatbus import codec, stix
 from txthreatbus.model import (
     BY_TOPIC,
     Intel,
@@ -27,6 +29,13 @@ from txthreatbus.model import (
     Sighting,
     SnapshotRequest,
 )
+
+def is_object(text: str) -> bool:
+    try:
+        return type(json.loads(text)) is dict
+    except ValueError:
+        return False
+
 
 #: The classes with a plain shape, and their topics.
 PLAIN = {cls.topic: cls for cls in codec._PLAIN}
@@ -255,3 +264,58 @@ class PlainPathTests(SynchronousTestCase):
         self.assertTrue(encoded)
         self.assertEqual(message, by_the_model(Intel, INTEL))
         self.assertEqual(vars(message).keys() - {codec._MEMO}, vars(by_the_model(Intel, INTEL)).keys())
+
+
+def stix_general(data: bytes):
+    """The general path's STIX object, or the reason it refuses ``data``."""
+    try:
+        return codec.structure_stix(codec.loads(data))
+    except codec.DecodeError as e:
+        return e.reason
+
+
+def stix_plain(data: bytes):
+    """The plain path's STIX object, the reason it refuses ``data``, or None (not the plain shape)."""
+    if b"\\" in data:
+        return None
+    try:
+        return codec._plain_stix(data)
+    except codec.DecodeError as e:
+        return e.reason
+
+
+_stix_values = st.sampled_from([json.loads(e["json"]) for e in STIX_VECTORS["objects"] if is_object(e["json"])])
+
+
+class StixPathTests(SynchronousTestCase):
+    """The STIX plain path takes what the general path takes, as the same object, and refuses alike."""
+
+    def test_vectors(self):
+        """Every recorded object gets the same verdict, and object, from both paths."""
+        plain = 0
+        for entry in STIX_VECTORS["objects"]:
+            data = entry["json"].encode()
+            decided = stix_plain(data)
+            if decided is not None:
+                plain += 1
+                self.assertEqual(decided, stix_general(data), entry["description"])
+        self.assertGreater(plain, 50)
+
+    @settings(max_examples=300, deadline=None)
+    @given(value=_stix_values, data=st.data())
+    def test_spoiled(self, value, data):
+        """An object with a field changed, deleted or repeated gets the same verdict from both paths."""
+        if data.draw(st.booleans()):
+            value = spoiled(value, data)
+        raw = _variants(data, value) if value else b"{}"
+        decided = stix_plain(raw)
+        if decided is not None:
+            self.assertEqual(decided, stix_general(raw))
+
+    def test_constructor_is_the_check(self):
+        """What the plain path builds without the constructor equals what the constructor builds."""
+        for entry in STIX_VECTORS["objects"]:
+            made = stix_plain(entry["json"].encode())
+            if isinstance(made, stix.StixObject):
+                cls = type(made)
+                self.assertEqual(cls(**{f.name: getattr(made, f.name) for f in attrs.fields(cls)}), made)

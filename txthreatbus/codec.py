@@ -172,6 +172,10 @@ def decode_stix(data: bytes):
     Threat Bus 2022 reads what apps publish on any ``stix2/`` topic); raises
     ``DecodeError`` if it is not one.
     """
+    if type(data) is bytes and b"\\" not in data:
+        message = _plain_stix(data)
+        if message is not None:
+            return message
     message = structure_stix(loads(data))
     vars(message)[_MEMO] = bytes(data)
     return message
@@ -541,5 +545,64 @@ def _plain_request(data: bytes):
 
 
 _PLAIN = {Intel: _plain_intel, Sighting: _plain_sighting, SnapshotRequest: _plain_request}
+
+
+# STIX objects: the types of the fields, by the object's type; the rules of
+# their values are the classes' ``check``.
+
+
+class _IndicatorWire(msgspec.Struct, tag_field="type", tag="indicator"):
+    spec_version: Literal["2.1"]
+    id: str
+    pattern: str
+    pattern_type: str
+    created: Optional[str] = None
+    modified: Optional[str] = None
+    valid_from: Optional[str] = None
+
+
+class _StixSightingWire(msgspec.Struct, tag_field="type", tag="sighting"):
+    spec_version: Literal["2.1"]
+    id: str
+    sighting_of_ref: str
+    created: Optional[str] = None
+    modified: Optional[str] = None
+    last_seen: Optional[str] = None
+
+
+_stix_decoder = msgspec.json.Decoder(Union[_IndicatorWire, _StixSightingWire])
+_json_decode = msgspec.json.Decoder().decode
+_STIX = {
+    _IndicatorWire: (stix.Indicator, _IndicatorWire.__struct_fields__[1:]),
+    _StixSightingWire: (stix.Sighting, _StixSightingWire.__struct_fields__[1:]),
+}
+
+
+def _plain_stix(data: bytes):
+    """
+    The STIX object in ``data`` if ``data`` is in its plain shape (no
+    escapes, no key twice, fields of the right types), else None; raises
+    ``DecodeError`` if it is of that shape but breaks a rule.
+    """
+    if data.count(b"[") + data.count(b"{") > MAX_DEPTH:
+        return None
+    try:
+        wire = _stix_decoder.decode(data)
+        value = _json_decode(data)  # all it holds, properties too
+    except _DECODE_FAILED:
+        return None
+    if data.count(b'"') != 2 * _strings(value):
+        return None
+    cls, names = _STIX[type(wire)]
+    fields = {name: getattr(wire, name) for name in names}
+    skip = stix.FIELDS[cls.stix_type]
+    fields["properties"] = {k: v for k, v in value.items() if k not in skip}
+    fields[_MEMO] = data
+    message = trusted(cls, fields)
+    try:
+        message.check()
+    except stix.StixError as e:
+        raise DecodeError(str(e), reason="stix_" + e.reason) from None
+    return message
 
 

@@ -10,9 +10,11 @@ JSON values they were, and the ones STIX defines are checked too. What a
 allowed) is accepted here, but an object must have an ``id``, and nothing
 is filled in: the bus forwards the bytes an app sent.
 
-``structure`` builds an object from a decoded JSON object and raises
-``StixError`` with a ``reason`` to count it by; ``unstructure`` is its
-inverse.
+Each class's rules are one method, ``check``: the constructor runs it, and
+the codec runs it once on an object it built from the plain shape without
+the constructor (``model.trusted``). ``structure`` builds an object from a
+decoded JSON object and raises ``StixError`` with a ``reason`` to count it
+by; ``unstructure`` is its inverse.
 """
 
 from __future__ import annotations
@@ -176,28 +178,24 @@ def _check_properties(checks: dict, properties: dict) -> None:
             check(name, value)
 
 
-def _optional_timestamp(instance, attribute, value) -> None:
-    if value is not None:
-        _timestamp(attribute.name, value)
+def _timestamps(obj, names) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None:
+            _timestamp(name, value)
 
 
-def _id_of(type_name: str):
-    def validate(instance, attribute, value) -> None:
-        if not is_identifier(value, type_name):
-            raise StixError(f"id must be {type_name}--<RFC 4122 UUID>, not {value!r}")
-
-    return validate
+def _id(type_name: str, value) -> None:
+    if not is_identifier(value, type_name):
+        raise StixError(f"id must be {type_name}--<RFC 4122 UUID>, not {value!r}")
 
 
-def _properties(checks: dict, fields: frozenset):
-    def validate(instance, attribute, value) -> None:
-        if type(value) is not dict:
-            raise TypeError(f"properties must be a dict, not {type(value).__name__}")
-        if not fields.isdisjoint(value):
-            raise ValueError(f"properties must not repeat {sorted(fields & value.keys())}")
-        _check_properties(checks, value)
-
-    return validate
+def _properties(checks: dict, fields: frozenset, value) -> None:
+    if type(value) is not dict:
+        raise TypeError(f"properties must be a dict, not {type(value).__name__}")
+    if not fields.isdisjoint(value):
+        raise ValueError(f"properties must not repeat {sorted(fields & value.keys())}")
+    _check_properties(checks, value)
 
 
 # Like the 2020 messages, not slotted: the codec memoises encodings in them.
@@ -209,6 +207,8 @@ _INDICATOR_FIELDS = frozenset(
 _SIGHTING_FIELDS = frozenset(
     ("type", "spec_version", "id", "created", "modified", "sighting_of_ref", "last_seen")
 )
+#: The keys of an object of each type that are its fields, not properties.
+FIELDS = {"indicator": _INDICATOR_FIELDS, "sighting": _SIGHTING_FIELDS}
 
 
 @_message
@@ -223,33 +223,32 @@ class Indicator:
     kind: ClassVar[str] = "indicator"
     stix_type: ClassVar[str] = "indicator"
 
-    id: str = attrs.field(validator=_id_of("indicator"))
-    pattern: str = attrs.field()
-    pattern_type: str = attrs.field()
-    created: Optional[str] = attrs.field(default=None, validator=_optional_timestamp)
-    modified: Optional[str] = attrs.field(default=None, validator=_optional_timestamp)
-    valid_from: Optional[str] = attrs.field(default=None, validator=_optional_timestamp)
-    properties: dict = attrs.field(
-        factory=dict, validator=_properties(_INDICATOR_PROPERTIES, _INDICATOR_FIELDS)
-    )
+    id: str
+    pattern: str
+    pattern_type: str
+    created: Optional[str] = None
+    modified: Optional[str] = None
+    valid_from: Optional[str] = None
+    properties: dict = attrs.field(factory=dict)
 
-    @pattern.validator
-    def _pattern(self, attribute, value) -> None:
-        if type(value) is not str:
-            raise StixError(f"pattern must be a string, not {type(value).__name__}", reason="invalid_pattern")
+    def __attrs_post_init__(self):
+        self.check()
 
-    @pattern_type.validator
-    def _pattern_type(self, attribute, value) -> None:
-        _string("pattern_type", value)
-        if value == "stix":
+    def check(self) -> None:
+        """Refuse, with a ``StixError``, an Indicator that breaks a rule."""
+        _id("indicator", self.id)
+        if type(self.pattern) is not str:
+            raise StixError(f"pattern must be a string, not {type(self.pattern).__name__}", reason="invalid_pattern")
+        _string("pattern_type", self.pattern_type)
+        if self.pattern_type == "stix":
             # as the library does: a pattern_version other than 2.1 is 2.0's grammar
             version = self.properties.get("pattern_version", SPEC_VERSION)
             try:
                 patterns.validate(self.pattern, "2.1" if version == SPEC_VERSION else "2.0")
             except patterns.PatternError as e:
                 raise StixError(f"invalid STIX pattern: {e}", reason="invalid_pattern") from None
-
-    def __attrs_post_init__(self):
+        _timestamps(self, ("created", "modified", "valid_from"))
+        _properties(_INDICATOR_PROPERTIES, _INDICATOR_FIELDS, self.properties)
         _in_order("valid_from", self.valid_from, "valid_until", self.properties.get("valid_until"), strictly=True)
 
     @property
@@ -266,22 +265,24 @@ class Sighting:
     kind: ClassVar[str] = "stix_sighting"
     stix_type: ClassVar[str] = "sighting"
 
-    id: str = attrs.field(validator=_id_of("sighting"))
-    sighting_of_ref: str = attrs.field()
-    created: Optional[str] = attrs.field(default=None, validator=_optional_timestamp)
-    modified: Optional[str] = attrs.field(default=None, validator=_optional_timestamp)
-    last_seen: Optional[str] = attrs.field(default=None, validator=_optional_timestamp)
-    properties: dict = attrs.field(
-        factory=dict, validator=_properties(_SIGHTING_PROPERTIES, _SIGHTING_FIELDS)
-    )
-
-    @sighting_of_ref.validator
-    def _sighting_of_ref(self, attribute, value) -> None:
-        _reference("sighting_of_ref", value)
-        if value.partition("--")[0] in NOT_SIGHTABLE:
-            raise StixError(f"sighting_of_ref must name a STIX Domain Object, not {value!r}")
+    id: str
+    sighting_of_ref: str
+    created: Optional[str] = None
+    modified: Optional[str] = None
+    last_seen: Optional[str] = None
+    properties: dict = attrs.field(factory=dict)
 
     def __attrs_post_init__(self):
+        self.check()
+
+    def check(self) -> None:
+        """Refuse, with a ``StixError``, a Sighting that breaks a rule."""
+        _id("sighting", self.id)
+        _reference("sighting_of_ref", self.sighting_of_ref)
+        if self.sighting_of_ref.partition("--")[0] in NOT_SIGHTABLE:
+            raise StixError(f"sighting_of_ref must name a STIX Domain Object, not {self.sighting_of_ref!r}")
+        _timestamps(self, ("created", "modified", "last_seen"))
+        _properties(_SIGHTING_PROPERTIES, _SIGHTING_FIELDS, self.properties)
         _in_order("first_seen", self.properties.get("first_seen"), "last_seen", self.last_seen)
 
 
