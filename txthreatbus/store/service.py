@@ -22,6 +22,7 @@ flat however large the answer).
 
 from __future__ import annotations
 
+import operator
 import os
 import sys
 from collections import deque
@@ -65,6 +66,8 @@ STOP_TIMEOUT = 10.0
 #: Seconds between refreshes of the record counts, and between prunes.
 COUNT_INTERVAL = 30.0
 PRUNE_INTERVAL = 3600.0
+
+_BODY = operator.attrgetter("body")
 
 #: The bus topic of each kind of record.
 _KINDS = {cls.kind: cls.topic for cls in (Intel, Sighting, stix.Indicator, stix.Sighting)}
@@ -227,7 +230,9 @@ class StoreService(Service):
             dropped = self._queue.popleft()
             self._queued_bytes -= len(dropped.body)
             self._metrics.drop("store_overflow")
-        if len(self._queue) >= FLUSH_RECORDS:
+        if len(self._queue) == FLUSH_RECORDS:
+            # a batch's worth: written now, or as soon as the write in
+            # flight is done (_written looks again)
             self._schedule_flush(0)
 
     def _schedule_flush(self, delay: float) -> None:
@@ -238,8 +243,13 @@ class StoreService(Service):
         self._flush_call = self._clock.callLater(delay, self._flush)
 
     def _take(self) -> list:
-        batch = [self._queue.popleft() for _ in range(min(len(self._queue), FLUSH_RECORDS))]
-        self._queued_bytes -= sum(len(r.body) for r in batch)
+        queue = self._queue
+        if len(queue) <= FLUSH_RECORDS:
+            batch = list(queue)
+            queue.clear()
+        else:
+            batch = [queue.popleft() for _ in range(FLUSH_RECORDS)]
+        self._queued_bytes -= sum(map(len, map(_BODY, batch)))
         return batch
 
     def _flush(self) -> None:

@@ -87,7 +87,8 @@ class WriterProcess(protocol.ProcessProtocol):
             d.errback(WriteError("the writer process is gone"))
             return d
         self._waiting.append(d)
-        data = pickle.dumps([tuple(r) for r in records], protocol=pickle.HIGHEST_PROTOCOL)
+        # (Records are tuples: they pickle as such, the writer makes them Records again)
+        data = pickle.dumps(list(map(tuple, records)), protocol=pickle.HIGHEST_PROTOCOL)
         self.transport.write(len(data).to_bytes(4, "big") + data)
         return d
 
