@@ -12,13 +12,15 @@ from datetime import datetime, timedelta
 
 import attrs
 
+import msgspec
+import msgspec.inspect
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.test_codec import INTEL, REQUEST, SIGHTING, _slots, json_values, messages
 from tests.vectors import STIX_VECTORS, VECTORS
-from txthreatbus import codec, stix
+from txthreatbus import codec, model, stix
 from txthreatbus.model import (
     BY_TOPIC,
     Intel,
@@ -319,3 +321,24 @@ class StixPathTests(SynchronousTestCase):
             if isinstance(made, stix.StixObject):
                 cls = type(made)
                 self.assertEqual(cls(**{f.name: getattr(made, f.name) for f in attrs.fields(cls)}), made)
+
+
+def msgspec_takes(value, rule) -> bool:
+    try:
+        msgspec.convert(value, rule, strict=True)
+    except msgspec.ValidationError:
+        return False
+    return True
+
+
+class RuleTests(SynchronousTestCase):
+    """The constructors' plain tests of a rule say what msgspec says of it."""
+
+    @settings(max_examples=300, deadline=None)
+    @given(
+        rule=st.sampled_from([model.Indicators, model.Strings, model.JsonObject, model.Text]),
+        value=json_values | st.lists(json_values, max_size=3).map(tuple) | st.tuples(st.text(max_size=5)),
+    )
+    def test_plain_test_is_msgspec(self, rule, value):
+        """For any value, a rule's plain test and msgspec's strict conversion agree."""
+        self.assertEqual(model._test(msgspec.inspect.type_info(rule))(value), msgspec_takes(value, rule))
