@@ -25,10 +25,12 @@ from __future__ import annotations
 import json
 import math
 import re
+import typing
 from datetime import datetime, timedelta
 from itertools import accumulate
 from typing import Any, Literal, Optional, Union
 
+import attrs
 import msgspec
 
 from txthreatbus import stix
@@ -547,34 +549,28 @@ def _plain_request(data: bytes):
 _PLAIN = {Intel: _plain_intel, Sighting: _plain_sighting, SnapshotRequest: _plain_request}
 
 
-# STIX objects: the types of the fields, by the object's type; the rules of
-# their values are the classes' ``check``.
+# STIX objects: the types of a class's fields (as it declares them), tagged
+# by the object's type; the rules of their values are the class's ``check``.
 
 
-class _IndicatorWire(msgspec.Struct, tag_field="type", tag="indicator"):
-    spec_version: Literal["2.1"]
-    id: str
-    pattern: str
-    pattern_type: str
-    created: Optional[str] = None
-    modified: Optional[str] = None
-    valid_from: Optional[str] = None
+def _stix_wire(cls: type) -> type:
+    """The wire shape of the STIX class ``cls``: its fields but ``properties``."""
+    hints = typing.get_type_hints(cls)
+    fields = [("spec_version", Literal["2.1"])]
+    for field in attrs.fields(cls):
+        if field.name != "properties":
+            default = () if field.default is attrs.NOTHING else (field.default,)
+            fields.append((field.name, hints[field.name], *default))
+    return msgspec.defstruct(f"{cls.__name__}Wire", fields, tag_field="type", tag=cls.stix_type)
 
 
-class _StixSightingWire(msgspec.Struct, tag_field="type", tag="sighting"):
-    spec_version: Literal["2.1"]
-    id: str
-    sighting_of_ref: str
-    created: Optional[str] = None
-    modified: Optional[str] = None
-    last_seen: Optional[str] = None
-
-
+_IndicatorWire, _StixSightingWire = _stix_wire(stix.Indicator), _stix_wire(stix.Sighting)
 _stix_decoder = msgspec.json.Decoder(Union[_IndicatorWire, _StixSightingWire])
 _json_decode = msgspec.json.Decoder().decode
+#: Each wire shape's class, and the fields it has (not spec_version).
 _STIX = {
-    _IndicatorWire: (stix.Indicator, _IndicatorWire.__struct_fields__[1:]),
-    _StixSightingWire: (stix.Sighting, _StixSightingWire.__struct_fields__[1:]),
+    wire: (cls, wire.__struct_fields__[1:])
+    for wire, cls in ((_IndicatorWire, stix.Indicator), (_StixSightingWire, stix.Sighting))
 }
 
 
