@@ -351,6 +351,21 @@ class HandlerTests(SynchronousTestCase):
         self.assertEqual(answer, json.dumps(reply).encode())
         self.assertEqual(encode(reply), answer)
 
+    def test_made_up_topics_not_kept(self):
+        """Subscriptions to topics a peer makes up are refused, and none is kept to answer faster."""
+        from txthreatbus.apps.zmq_app import manage
+
+        for i in range(1000):
+            request = json.dumps({"action": "subscribe", "topic": f"threatbus/x{i}" + "y" * 1000})
+            self.assertEqual(self.status([request.encode()]), {"status": "error"})
+        self.assertEqual(self.status([b'{"action": "subscribe", "topic": "threatbus/intel"}'])["status"], "success")
+        self.assertLessEqual(set(manage._SERVED), {
+            prefix + slash
+            for prefix in ("threatbus", "threatbus/intel", "threatbus/sighting", "stix2", "stix2/indicator", "stix2/sighting")
+            for slash in ("", "/")
+        })
+        self.assertIn("threatbus/intel", manage._SERVED)
+
     @settings(max_examples=300, deadline=None)
     @given(st.lists(st.binary(max_size=200), max_size=4))
     def test_any_bytes(self, frames):

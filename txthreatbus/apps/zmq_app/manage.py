@@ -10,7 +10,6 @@ request at all: a message without the empty delimiter frame of REQ).
 
 from __future__ import annotations
 
-import functools
 import json
 from datetime import timedelta
 from typing import Callable, Optional, Sequence, Tuple, Union
@@ -90,10 +89,20 @@ def subscription_topics(topic) -> Optional[Tuple[str, ...]]:
     return tuple(topics)
 
 
-@functools.lru_cache(maxsize=256)  # apps name the same few topics, again and again
+#: The topics found served, as ``_topic`` gives them: apps name the same few
+#: again and again. Only those are kept, a handful (the topics the bus
+#: serves and their ancestors): what a peer makes up is never held.
+_SERVED: dict = {}
+
+
 def _topic(topic: str) -> Optional[Tuple[str, ...]]:
-    topic = topic[:-1] if topic.endswith("/") else topic
-    return (topic,) if snapshot_types(topic) else None
+    topics = _SERVED.get(topic)
+    if topics is None:
+        bare = topic[:-1] if topic.endswith("/") else topic
+        if not snapshot_types(bare):
+            return None
+        topics = _SERVED[topic] = (bare,)
+    return topics
 
 
 #: Where a request came from: its network address, or a callable that gives it.
