@@ -188,7 +188,12 @@ def structure_stix(value: object):
     try:
         return stix.structure(value)
     except stix.StixError as e:
-        raise DecodeError(str(e), reason="stix_" + e.reason) from None
+        raise _refused(e) from None
+
+
+def _refused(e: stix.StixError) -> DecodeError:
+    """The ``DecodeError`` of a STIX object refused by ``e``."""
+    return DecodeError(str(e), reason="stix_" + e.reason)
 
 
 def is_encoding(message: Message, value: dict) -> bool:
@@ -402,13 +407,9 @@ def _intel(wire: _IntelWire, value: dict) -> Intel:
 
 
 def _intel_of(wire: _IntelWire, ts: datetime, extra: dict, encoding: Optional[bytes] = None) -> Intel:
-    data = wire.data
-    fields = {
-        "ts": ts,
-        "id": wire.id,
-        "data": trusted(IntelData, {"indicator": data.indicator, "intel_type": data.intel_type, "extra": extra}),
-        "operation": wire.operation,
-    }
+    wired = wire.data
+    data = trusted(IntelData, {"indicator": wired.indicator, "intel_type": wired.intel_type, "extra": extra})
+    fields = {"ts": ts, "id": wire.id, "data": data, "operation": wire.operation}
     if encoding is not None:
         fields[_MEMO] = encoding
     return trusted(Intel, fields)
@@ -482,10 +483,11 @@ def _strings(value) -> int:
 
 # Each returns the message in ``data``, which keeps ``data`` as its encoding
 # if it is that (see is_encoding: all but the timestamp carries over as it
-# came), or None if ``data`` is not in the plain shape. msgspec checks the fields, and the
-# count of quotes shows that the text holds nothing the wire shape did not
-# read (no key twice, none unknown, no extra data), since each key and
-# string has two: ``data`` holds no escapes, so every quote is one of them.
+# came), or None if ``data`` is not in the plain shape. msgspec checks the
+# fields, and the count of quotes shows that the text holds nothing the wire
+# shape did not read (no key twice, none unknown, no extra data), since each
+# key and string has two: ``data`` holds no escapes, so every quote is one
+# of them.
 
 _intel_decoder = msgspec.json.Decoder(_IntelWire)
 _sighting_decoder = msgspec.json.Decoder(_SightingWire)
@@ -598,7 +600,7 @@ def _plain_stix(data: bytes):
     try:
         message.check()
     except stix.StixError as e:
-        raise DecodeError(str(e), reason="stix_" + e.reason) from None
+        raise _refused(e) from None
     return message
 
 

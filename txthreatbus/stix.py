@@ -238,7 +238,9 @@ class Indicator:
         """Refuse, with a ``StixError``, an Indicator that breaks a rule."""
         _id("indicator", self.id)
         if type(self.pattern) is not str:
-            raise StixError(f"pattern must be a string, not {type(self.pattern).__name__}", reason="invalid_pattern")
+            raise StixError(
+                f"pattern must be a string, not {type(self.pattern).__name__}", reason="invalid_pattern"
+            )
         _string("pattern_type", self.pattern_type)
         if self.pattern_type == "stix":
             # as the library does: a pattern_version other than 2.1 is 2.0's grammar

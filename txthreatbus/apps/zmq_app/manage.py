@@ -3,9 +3,10 @@ The management endpoint: subscribe, unsubscribe and heartbeat, JSON over
 request-reply, with exactly the replies of docs/protocol.md.
 
 ``ManagementHandler.handle`` turns any request frames into a reply dict and
-never raises, and ``answer`` gives that reply's JSON; ``ManageConnection`` puts it on a REP socket, which answers
-each request before it reads the next (libzmq itself discards what is not a
-request at all: a message without the empty delimiter frame of REQ).
+never raises, and ``answer`` gives that reply's JSON; ``ManageConnection``
+puts it on a REP socket, which answers each request before it reads the
+next (libzmq itself discards what is not a request at all: a message
+without the empty delimiter frame of REQ).
 """
 
 from __future__ import annotations
@@ -133,9 +134,7 @@ class ManagementHandler:
         """The JSON of the reply to a request of ``frames`` from ``peer``."""
         reply = self.handle(frames, peer)
         wire = _ENCODED.get(id(reply))
-        if wire is None:
-            if "topic" not in reply:  # pragma: no cover - every other reply is a constant
-                return encode(reply)
+        if wire is None:  # a subscribe's: every other reply is a constant
             wire = b'%s"%s"%s' % (self._head, reply["topic"].encode("ascii"), self._tail)
         return wire
 

@@ -4,10 +4,10 @@ The apps subscribed through the zmq-app plugin, and what each one holds.
 Each subscription has its own point-to-point (P2P) topic. The bus consumer
 of a topic is a ``Fanout`` of every subscription to it, which hands each
 message to the publisher once for all of them (it is encoded once, and
-framed for each app); a subscription keeps the frames that cannot be sent yet (the app's SUB socket
-has not subscribed, or it reads too slowly) in a buffer bounded in bytes. A
-subscription also owns its liveness timer and its pending snapshot: removing
-it frees both.
+framed for each app); a subscription keeps the frames that cannot be sent
+yet (the app's SUB socket has not subscribed, or it reads too slowly) in a
+buffer bounded in bytes. A subscription also owns its liveness timer and its
+pending snapshot: removing it frees both.
 
 Only a SUB subscription that begins with a live P2P topic takes effect
 (``notice``): an app is ready once its own SUB socket subscribed, and no
